@@ -1,0 +1,129 @@
+"""Pruning masks as plain {parameter name: bool tensor} dicts: the global magnitude mask, applying masks,
+and sparsity reports."""
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+Mask = Dict[str, Tensor]
+
+
+def is_prunable_shape(shape) -> bool:
+    """Prunable tensors are those of dim > 1: conv kernels and linear weights (DESIGN 1)."""
+    return len(shape) > 1
+
+
+def prunable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The model's prunable parameters by state-dict name, in registration order."""
+    return {name: p for name, p in model.named_parameters() if is_prunable_shape(p.shape)}
+
+
+def num_pruned_to(num_prunable: int, nonzero_ratio: float) -> int:
+    """How many elements the hard prune zeroes: int(N * (1 - nonzero_ratio))."""
+    return int(num_prunable * (1.0 - nonzero_ratio))
+
+
+def global_magnitude_mask(model: Union[nn.Module, Mapping[str, Tensor]], nonzero_ratio: float) -> Mask:
+    """The hard mask of DESIGN 1 over all prunable parameters of `model` (a module, or a dict of tensors
+    of which those with dim > 1 are used): with num_zero = int(N * (1 - nonzero_ratio)) and the threshold
+    the num_zero-th smallest |w| (0-based, ascending), keep |w| >= threshold. Without ties this keeps
+    N - num_zero elements."""
+    if not 0.0 < nonzero_ratio <= 1.0:
+        raise ValueError(f"Invalid nonzero_ratio: {nonzero_ratio} (must be in (0, 1])")
+    named = (prunable_parameters(model) if isinstance(model, nn.Module)
+             else {k: v for k, v in model.items() if is_prunable_shape(v.shape)})
+    if not named:
+        raise ValueError("the model has no prunable parameters (none of dim > 1)")
+    with torch.no_grad():
+        magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in named.values()])
+        num_zero = num_pruned_to(magnitudes.numel(), nonzero_ratio)
+        # kthvalue is 1-based: the (num_zero + 1)-th smallest is the num_zero-th of a 0-based ascending sort.
+        threshold = magnitudes.kthvalue(num_zero + 1).values
+        return {name: t.detach().abs().float() >= threshold for name, t in named.items()}
+
+
+def mask_count(mask: Mapping[str, Tensor]) -> int:
+    """Number of kept (True) elements of a mask."""
+    return int(sum(int(m.sum()) for m in mask.values()))
+
+
+def apply_mask_to_weights(model: nn.Module, mask: Mapping[str, Tensor]) -> None:
+    """Zero the pruned weights of `model` in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, m in mask.items():
+            params[name].mul_(m.to(params[name].device))
+
+
+def apply_mask_to_grads(model: nn.Module, mask: Mapping[str, Tensor]) -> None:
+    """Zero the gradients of pruned weights in place, so that they stay exactly zero under SGD."""
+    params = dict(model.named_parameters())
+    for name, m in mask.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.mul_(m.to(grad.device))
+
+
+@dataclass
+class LayerDensity:
+    name: str
+    elements: int
+    nonzeros: int
+
+    @property
+    def density(self) -> float:
+        return self.nonzeros / self.elements if self.elements else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer and overall non-zero counts of the prunable tensors of a model or weights file."""
+    layers: List[LayerDensity] = field(default_factory=list)
+
+    @property
+    def elements(self) -> int:
+        return sum(layer.elements for layer in self.layers)
+
+    @property
+    def nonzeros(self) -> int:
+        return sum(layer.nonzeros for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of prunable elements that are zero."""
+        return 1.0 - self.nonzeros / self.elements if self.elements else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Prunable elements / non-zeros (inf for an all-zero model)."""
+        return self.elements / self.nonzeros if self.nonzeros else float("inf")
+
+    def format(self) -> str:
+        """A human-readable summary and per-layer density table."""
+        width = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        lines = [
+            f"prunable parameters: {self.elements}",
+            f"non-zeros: {self.nonzeros}",
+            f"sparsity: {self.sparsity:.6f}",
+            f"compression ratio: {self.compression_ratio:.3f}",
+            "",
+            f"{'layer':<{width}}  {'elements':>10}  {'non-zeros':>10}  {'density':>8}",
+        ]
+        for layer in self.layers:
+            lines.append(f"{layer.name:<{width}}  {layer.elements:>10}  {layer.nonzeros:>10}  "
+                         f"{layer.density:>8.4f}")
+        return "\n".join(lines)
+
+
+def sparsity_report(tensors: Union[nn.Module, Mapping[str, Union[Tensor, np.ndarray]]]) -> SparsityReport:
+    """Count elements and non-zeros of every prunable (dim > 1) tensor of a model or a name->array dict."""
+    named = prunable_parameters(tensors) if isinstance(tensors, nn.Module) else tensors
+    report = SparsityReport()
+    for name, t in named.items():
+        if not is_prunable_shape(t.shape):
+            continue
+        nonzeros = int(torch.count_nonzero(t)) if isinstance(t, Tensor) else int(np.count_nonzero(t))
+        report.layers.append(LayerDensity(name, int(np.prod(t.shape)), nonzeros))
+    return report

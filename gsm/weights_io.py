@@ -1,0 +1,102 @@
+"""hdf5 weights files in the released code's format: one dataset per state-dict key ('/' stored as '+')."""
+import os
+from typing import Dict, Mapping, Union
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+class WeightsFileError(ValueError):
+    """A weights file that is missing, unreadable, or does not fit the model."""
+
+
+def _stored_name(key: str) -> str:
+    return key.replace("/", "+")
+
+
+def _key_name(stored: str) -> str:
+    return stored.replace("+", "/")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def state_dict_of(model: nn.Module) -> Dict[str, Tensor]:
+    """The state dict of a model with the keys of the plain model (no wrapper prefixes)."""
+    return unwrap_model(model).state_dict()
+
+
+def save_hdf5(model: Union[nn.Module, Mapping[str, Tensor]], path: Union[str, os.PathLike]) -> None:
+    """Write every state-dict entry as a numpy dataset. The file is written under a temporary name in the
+    same folder and renamed, so a crash never leaves a partial file under `path`."""
+    tensors = state_dict_of(model) if isinstance(model, nn.Module) else model
+    path = os.fspath(path)
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        with h5py.File(tmp_path, "w", track_order=True) as f:  # keep the state-dict order
+            for key, value in tensors.items():
+                array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+                f.create_dataset(_stored_name(key), data=array)
+            f.flush()
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def read_hdf5(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
+    """Every dataset of a weights file by state-dict key. Raises WeightsFileError with a one-line reason
+    for a missing file, a file that is not hdf5, or one with no arrays."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightsFileError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise WeightsFileError(f"{path}: is a folder, not an hdf5 weights file")
+    if os.path.getsize(path) == 0:
+        raise WeightsFileError(f"{path}: the file is empty (0 bytes), not an hdf5 weights file")
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {}
+            for name, item in f.items():
+                if not isinstance(item, h5py.Dataset):
+                    raise WeightsFileError(f"{path}: '{name}' is a group; a weights file holds only arrays")
+                arrays[_key_name(name)] = item[()]
+    except OSError as exc:
+        raise WeightsFileError(f"{path}: not a readable hdf5 file ({exc.__class__.__name__})") from exc
+    if not arrays:
+        raise WeightsFileError(f"{path}: the file holds no arrays")
+    return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def load_hdf5(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load a weights file into `model` in place (all keys must match). Raises WeightsFileError naming every
+    missing, unexpected and mis-shaped key."""
+    arrays = read_hdf5(path)
+    target = state_dict_of(model)
+    missing = [k for k in target if k not in arrays]
+    unexpected = [k for k in arrays if k not in target]
+    misshaped = [f"{k} (file {tuple(arrays[k].shape)}, model {tuple(target[k].shape)})"
+                 for k in target if k in arrays and tuple(arrays[k].shape) != tuple(target[k].shape)]
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if misshaped:
+        problems.append("mis-shaped keys: " + ", ".join(misshaped))
+    if problems:
+        raise WeightsFileError(f"{os.fspath(path)} does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, tensor in target.items():
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[key])).to(tensor.dtype))
+    return model
