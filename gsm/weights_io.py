@@ -98,5 +98,7 @@ def load_hdf5(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
         raise WeightsFileError(f"{os.fspath(path)} does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
         for key, tensor in target.items():
-            tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[key])).to(tensor.dtype))
+            # ascontiguousarray turns a 0-d array (num_batches_tracked) into shape (1,): restore the shape.
+            array = np.ascontiguousarray(arrays[key]).reshape(arrays[key].shape)
+            tensor.copy_(torch.from_numpy(array).to(tensor.dtype))
     return model

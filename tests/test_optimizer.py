@@ -1,0 +1,617 @@
+"""Tests for the GSM optimizer against torch.optim.SGD and against a brute-force (sorting) version of DESIGN 1."""
+from __future__ import annotations
+
+import copy
+import io
+from typing import Callable, Optional
+
+import pytest
+import torch
+from torch import nn
+
+import gsm.selection as selection
+from gsm import GSM
+from gsm.selection import active_masks, keep_count, kth_largest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These models are tiny: one intra-op thread is fastest, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small models and data
+
+
+class TinyNet(nn.Module):
+    """conv 2->4 (3x3) + BN + ReLU, fc 64->16, ReLU, fc 16->5: prunable 72 + 1024 + 80 elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc1 = nn.Linear(64, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x))).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def tiny_batch(generator: torch.Generator, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 2, 6, 6, generator=generator), torch.randint(0, 5, (batch,), generator=generator)
+
+
+def random_model(seed: int) -> nn.Sequential:
+    """A conv-BN-MLP whose widths depend on the seed; input [B, 2, 5, 5], 4 classes."""
+    g = torch.Generator().manual_seed(seed)
+    channels = int(torch.randint(2, 6, (1,), generator=g))
+    hidden = int(torch.randint(6, 24, (1,), generator=g))
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.Flatten(),
+        nn.Linear(channels * 25, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+
+
+def random_batch(generator: torch.Generator, batch: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 2, 5, 5, generator=generator), torch.randint(0, 4, (batch,), generator=generator)
+
+
+def loss_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y) * scale
+    loss.backward()
+    return loss
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module, atol: Optional[float] = None) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if atol is None:
+            assert torch.equal(p, q), name
+        else:
+            torch.testing.assert_close(p, q, rtol=0.0, atol=atol, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Brute force: DESIGN 1 by sorting every metric, independent of gsm.selection
+
+
+class BruteForceGSM:
+    """Each step: m = |w * g| over all prunable elements, sorted descending; tau = sorted[Q - 1]; mask = m >= tau;
+    d = mask * g + wd * w; buf = beta * buf + d (buf = d first); w -= lr * buf (Nesterov: lr * (d + beta * buf))."""
+
+    def __init__(self, groups: list[dict], nonzero_ratio: float, **defaults) -> None:
+        self.groups = [{**dict(lr=None, momentum=0.0, weight_decay=0.0, nesterov=False, prunable=None),
+                        **defaults, **g} for g in groups]
+        self.nonzero_ratio = nonzero_ratio
+        self.buffers: dict[nn.Parameter, torch.Tensor] = {}
+        self.tau: Optional[torch.Tensor] = None
+        self.masks: dict[nn.Parameter, torch.Tensor] = {}
+        self.num_active = 0
+
+    @staticmethod
+    def _prunable(group: dict, p: torch.Tensor) -> bool:
+        return p.dim() > 1 if group["prunable"] is None else group["prunable"]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        prunable = [p for g in self.groups for p in g["params"] if self._prunable(g, p)]
+        ranked = [p for p in prunable if p.grad is not None]
+        q = int(self.nonzero_ratio * sum(p.numel() for p in prunable))
+        self.masks, self.tau = {}, None
+        if q >= sum(p.numel() for p in ranked):
+            self.num_active = sum(p.numel() for p in ranked)
+        else:
+            metrics = {p: (p * p.grad).abs() for p in ranked}
+            ordered = torch.sort(torch.cat([m.reshape(-1) for m in metrics.values()]), descending=True).values
+            if q == 0:
+                self.masks = {p: torch.zeros_like(m, dtype=torch.bool) for p, m in metrics.items()}
+            else:
+                self.tau = ordered[q - 1]
+                self.masks = {p: m >= self.tau for p, m in metrics.items()}
+            self.num_active = sum(int(m.sum()) for m in self.masks.values())
+        for g in self.groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad * self.masks[p] if p in self.masks else p.grad.clone()
+                if g["weight_decay"]:
+                    d = torch.add(d, p, alpha=g["weight_decay"])
+                if g["momentum"]:
+                    if p not in self.buffers:
+                        self.buffers[p] = d.clone()
+                    else:
+                        self.buffers[p].mul_(g["momentum"]).add_(d)
+                    buf = self.buffers[p]
+                    d = torch.add(d, buf, alpha=g["momentum"]) if g["nesterov"] else buf
+                p.add_(d, alpha=-g["lr"])
+
+
+def grouped(model: nn.Sequential, layout: str, lr: float) -> list[dict]:
+    """Param groups of a `random_model`: one group, or four with their own lr, weight decay, momentum and
+    prunable overrides (a prunable=False matrix, prunable=True biases)."""
+    if layout == "single":
+        return [{"params": list(model.parameters())}]
+    conv, bn, fc1, fc2 = model[0], model[1], model[4], model[6]
+    return [
+        {"params": [conv.weight, fc1.weight]},
+        {"params": [conv.bias, bn.weight, bn.bias], "lr": 2 * lr, "weight_decay": 0.0},
+        {"params": [fc2.weight], "lr": 0.5 * lr, "weight_decay": 1e-3, "prunable": False, "momentum": 0.5},
+        {"params": [fc1.bias, fc2.bias], "prunable": True, "lr": 1.5 * lr},
+    ]
+
+
+@pytest.fixture
+def search_log(monkeypatch) -> list[tuple[bool, int, int, int]]:
+    """Records (hint given, candidates searched, numel, k) of every kth_largest call the ThresholdFinder makes."""
+    calls: list[tuple[bool, int, int, int]] = []
+    original = selection.kth_largest
+
+    def spy(values, k, lower_bound=None):
+        value, searched = original(values, k, lower_bound)
+        calls.append((lower_bound is not None, searched, values.numel(), k))
+        return value, searched
+
+    monkeypatch.setattr(selection, "kth_largest", spy)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# nonzero_ratio = 1 is torch.optim.SGD
+
+
+SGD_CASES = [
+    dict(momentum=0.9, weight_decay=0.0, nesterov=False),
+    dict(momentum=0.9, weight_decay=5e-4, nesterov=False),
+    dict(momentum=0.9, weight_decay=0.0, nesterov=True),
+    dict(momentum=0.99, weight_decay=1e-3, nesterov=True),
+    dict(momentum=0.0, weight_decay=1e-3, nesterov=False),
+]
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+@pytest.mark.parametrize("case", SGD_CASES)
+@pytest.mark.parametrize("foreach", [False, True])
+def test_ratio_one_equals_sgd(case, per_group, foreach):
+    torch.manual_seed(0)
+    model_gsm = TinyNet()
+    model_sgd = copy.deepcopy(model_gsm)
+
+    def groups(m: TinyNet) -> list[dict]:
+        if not per_group:
+            return [{"params": list(m.parameters())}]
+        return [{"params": [m.conv.weight, m.fc1.weight, m.fc2.weight]},
+                {"params": [m.conv.bias, m.fc1.bias, m.fc2.bias], "lr": 0.1, "weight_decay": 0.0},
+                {"params": [m.bn.weight, m.bn.bias], "lr": 0.02, "weight_decay": 2e-3}]
+
+    gsm_opt = GSM(groups(model_gsm), lr=0.05, nonzero_ratio=1.0, **case)
+    sgd_opt = torch.optim.SGD(groups(model_sgd), lr=0.05, foreach=foreach, **case)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        x, y = tiny_batch(data)
+        loss_backward(model_gsm, x, y)
+        loss_backward(model_sgd, x, y)
+        gsm_opt.step()
+        sgd_opt.step()
+        assert gsm_opt.last_threshold is None
+        assert gsm_opt.num_active == gsm_opt.num_prunable == 72 + 1024 + 80
+        assert_same_weights(model_gsm, model_sgd, atol=1e-7)
+    if case["momentum"]:
+        for p_gsm, p_sgd in zip(model_gsm.parameters(), model_sgd.parameters()):
+            torch.testing.assert_close(gsm_opt.state[p_gsm]["momentum_buffer"],
+                                       sgd_opt.state[p_sgd]["momentum_buffer"], rtol=0.0, atol=1e-7)
+    # The run went somewhere: 50 steps moved the weights well away from their start.
+    torch.manual_seed(0)
+    assert (TinyNet().fc1.weight - model_gsm.fc1.weight).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Against the brute force, step by step
+
+
+BRUTE_CASES = [
+    # (momentum, weight decay, nesterov, group layout)
+    (0.9, 1e-3, False, "single"),
+    (0.9, 5e-4, True, "multi"),
+    (0.0, 1e-2, False, "multi"),
+    (0.98, 0.0, True, "single"),
+]
+# Loss scales per step: x100 at step 12 (the hint is far too low), back to 1 (far too high: fallback),
+# x0.01 at step 24 (fallback), back to 1.
+LOSS_SCALE = {12: 100.0, 24: 0.01}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("nonzero_ratio", [0.5, 0.1, 0.02])
+@pytest.mark.parametrize("momentum,weight_decay,nesterov,layout", BRUTE_CASES)
+def test_matches_brute_force(seed, nonzero_ratio, momentum, weight_decay, nesterov, layout, search_log):
+    lr = 0.02
+    model = random_model(seed)
+    reference = copy.deepcopy(model)
+    hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    opt = GSM(grouped(model, layout, lr), nonzero_ratio=nonzero_ratio, **hyper)
+    brute = BruteForceGSM(grouped(reference, layout, lr), nonzero_ratio, **hyper)
+    prunable = [p for g in opt.param_groups for p in g["params"] if GSM.is_prunable(g, p)]
+    assert opt.keep_count == int(nonzero_ratio * sum(p.numel() for p in prunable))
+    data = torch.Generator().manual_seed(100 + seed)
+    steps = 36
+    for step in range(steps):
+        x, y = random_batch(data)
+        scale = LOSS_SCALE.get(step, 1.0)
+        loss_backward(model, x, y, scale)
+        loss_backward(reference, x, y, scale)
+        # The pure reference selection agrees with the brute force on the same weights and gradients.
+        reference_prunable = [p for g in brute.groups for p in g["params"] if BruteForceGSM._prunable(g, p)]
+        masks = active_masks([p.detach() for p in prunable], [p.grad for p in prunable], nonzero_ratio)
+        opt.step()
+        brute.step()
+        for p, mask in zip(reference_prunable, masks):
+            assert torch.equal(mask, brute.masks[p]), f"step {step}"
+        assert opt.num_active == brute.num_active, f"step {step}"
+        assert opt.num_active >= opt.keep_count
+        assert torch.equal(opt.last_threshold, brute.tau), f"step {step}"
+        assert_same_weights(model, reference)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.isfinite(p).all()
+        if momentum:
+            assert torch.equal(opt.state[p]["momentum_buffer"], brute.buffers[q])
+    # Both paths of the threshold search ran: the hint narrowed the search, and a hint above the new
+    # threshold fell back to the full search (at the steps after the loss scale jumps).
+    # (active_masks above searches without a hint; the optimizer's first step has no hint yet.)
+    hinted = [c for c in search_log if c[0]]
+    assert len(search_log) == 2 * steps and len(hinted) == steps - 1
+    assert any(searched < numel for _, searched, numel, _ in hinted)
+    assert any(searched == numel for _, searched, numel, _ in hinted)
+
+
+def test_fallback_after_threshold_drop(search_log):
+    """A metric 100x smaller than the last step's: the hint admits fewer than Q candidates, so the search
+    falls back to the whole vector and still returns the exact k-th largest."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(50, 40))
+    opt = GSM([w], lr=0.0, momentum=0.0, nonzero_ratio=0.05)
+    base = torch.randn(50, 40)
+    for step, scale in enumerate([1.0, 1.0, 0.01, 0.01, 100.0]):
+        w.grad = base * scale * (1 + 0.01 * step)
+        opt.step()
+        expected = torch.sort((w * w.grad).abs().reshape(-1), descending=True).values[opt.keep_count - 1]
+        assert torch.equal(opt.last_threshold, expected)
+    assert [c[0] for c in search_log] == [False, True, True, True, True]
+    assert search_log[1][1] < 2000  # a narrowed search
+    assert search_log[2][1] == 2000  # the drop: full search
+    assert search_log[3][1] < 2000
+    assert search_log[4][1] < 2000  # a jump up: the hint is low, the candidates are many but still a subset
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ties, global selection, what is never masked
+
+
+def integer_tensor(generator: torch.Generator, shape, low: int, high: int) -> torch.Tensor:
+    return torch.randint(low, high, shape, generator=generator).float()
+
+
+@pytest.mark.parametrize("nonzero_ratio", [0.3, 0.55])
+def test_ties_at_threshold_are_all_kept(nonzero_ratio):
+    """|w * g| of small integers has many ties: every element equal to tau is active, so more than Q are."""
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 6, bias=False))
+    reference = copy.deepcopy(model)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt = GSM(model.parameters(), nonzero_ratio=nonzero_ratio, **hyper)
+    brute = BruteForceGSM([{"params": list(reference.parameters())}], nonzero_ratio, **hyper)
+    prunable = [model[0].weight, model[1].weight]
+    data = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), reference.parameters()):
+            w, g = integer_tensor(data, p.shape, -3, 4), integer_tensor(data, p.shape, -3, 4)
+            with torch.no_grad():
+                p.copy_(w)
+                q.copy_(w)
+            p.grad, q.grad = g.clone(), g.clone()
+        masks = active_masks([p.detach() for p in prunable], [p.grad for p in prunable], nonzero_ratio)
+        opt.step()
+        brute.step()
+        assert opt.num_active > opt.keep_count  # the ties at tau
+        assert opt.num_active == brute.num_active == sum(int(m.sum()) for m in masks)
+        assert torch.equal(opt.last_threshold, brute.tau)
+        assert float(brute.tau) == int(brute.tau)
+        assert_same_weights(model, reference)
+
+
+def test_zero_threshold_activates_everything():
+    """When fewer than Q metrics are positive, tau = 0 and m >= 0 holds for every element."""
+    w = nn.Parameter(torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 0.0]]))
+    w.grad = torch.ones(2, 4)
+    opt = GSM([w], lr=0.5, momentum=0.0, nonzero_ratio=0.5)  # Q = 4 > 3 positive metrics
+    opt.step()
+    assert float(opt.last_threshold) == 0.0
+    assert opt.num_active == 8
+    assert torch.equal(w.detach(), torch.tensor([[0.5, -0.5, 1.5, -0.5], [-0.5, 2.5, -0.5, -0.5]]))
+
+
+def test_keep_count_zero_masks_every_prunable_element():
+    torch.manual_seed(0)
+    model = nn.Linear(10, 10)
+    before = model.weight.detach().clone()
+    bias_before = model.bias.detach().clone()
+    opt = GSM(model.parameters(), lr=0.5, momentum=0.0, weight_decay=0.25, nonzero_ratio=0.005)  # Q = 0
+    loss_backward(model, torch.randn(4, 10), torch.randint(0, 10, (4,)))
+    bias_grad = model.bias.grad.clone()
+    opt.step()
+    assert opt.keep_count == 0 and opt.num_active == 0 and opt.last_threshold is None
+    assert torch.equal(model.weight.detach(), before - 0.5 * (0.25 * before))
+    assert torch.equal(model.bias.detach(), bias_before - 0.5 * (bias_grad + 0.25 * bias_before))
+
+
+@pytest.mark.parametrize("extra", [0, 5])
+def test_selection_is_global_not_per_layer(extra):
+    """Layer A's metrics dwarf layer B's: all Q go to A (a per-layer rule would give B its share);
+    with Q = |A| + extra, B gets exactly `extra`."""
+    gen = torch.Generator().manual_seed(7)
+    big = nn.Parameter(torch.randn(20, 10, generator=gen) * 10)
+    small = nn.Parameter(torch.randn(30, 10, generator=gen) * 0.1)
+    grads = [torch.randn(20, 10, generator=gen) * 10, torch.randn(30, 10, generator=gen) * 0.1]
+    q = 150 if extra == 0 else 200 + extra
+    nonzero_ratio = (q + 0.5) / 500
+    assert keep_count(500, nonzero_ratio) == q
+    before = [big.detach().clone(), small.detach().clone()]
+    big.grad, small.grad = grads[0].clone(), grads[1].clone()
+    masks = active_masks([big.detach(), small.detach()], grads, nonzero_ratio)
+    opt = GSM([big, small], lr=1.0, momentum=0.0, nonzero_ratio=nonzero_ratio)
+    opt.step()
+    expected_counts = [min(q, 200), extra]
+    assert [int(m.sum()) for m in masks] == expected_counts
+    # The optimizer's own selection, seen in which elements moved (momentum 0, no weight decay).
+    moved = [int((p.detach() != b).sum()) for p, b in zip([big, small], before)]
+    assert moved == expected_counts
+    assert opt.num_active == q
+    # The moved elements are exactly those of the brute-force mask.
+    metric = torch.cat([(b * g).abs().reshape(-1) for b, g in zip(before, grads)])
+    tau = torch.sort(metric, descending=True).values[q - 1]
+    for p, b, g in zip([big, small], before, grads):
+        assert torch.equal(p.detach() != b, (b * g).abs() >= tau)
+
+
+def test_biases_and_batchnorm_are_never_masked():
+    """With a tiny nonzero_ratio, biases and BN parameters follow plain SGD exactly (same momentum and decay)."""
+    torch.manual_seed(0)
+    model_gsm = TinyNet()
+    model_sgd = copy.deepcopy(model_gsm)
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    gsm_opt = GSM(model_gsm.parameters(), nonzero_ratio=0.002, **hyper)
+    sgd_opt = torch.optim.SGD(model_sgd.parameters(), **hyper)
+    unmasked = ["conv.bias", "bn.weight", "bn.bias", "fc1.bias", "fc2.bias"]
+    data = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        # Start each step from the same weights, so that the gradients are the same.
+        model_sgd.load_state_dict(model_gsm.state_dict())
+        x, y = tiny_batch(data)
+        loss_backward(model_gsm, x, y)
+        loss_backward(model_sgd, x, y)
+        gsm_opt.step()
+        sgd_opt.step()
+        assert gsm_opt.keep_count == 2 and 2 <= gsm_opt.num_active <= 3
+        gsm_params, sgd_params = dict(model_gsm.named_parameters()), dict(model_sgd.named_parameters())
+        for name in unmasked:
+            assert torch.equal(gsm_params[name], sgd_params[name]), name
+        assert not torch.equal(gsm_params["fc1.weight"], sgd_params["fc1.weight"])
+
+
+def test_passive_weights_only_decay():
+    """Momentum 0: an inactive weight becomes w * (1 - lr * wd) exactly (dyadic values, so no rounding)."""
+    gen = torch.Generator().manual_seed(5)
+    w = nn.Parameter(torch.randint(-1000, 1000, (40, 25), generator=gen).float() / 1024)
+    g = torch.randint(-1000, 1000, (40, 25), generator=gen).float() / 1024
+    before = w.detach().clone()
+    lr, wd = 0.5, 0.25
+    opt = GSM([w], lr=lr, momentum=0.0, weight_decay=wd, nonzero_ratio=0.1)
+    w.grad = g.clone()
+    (mask,) = active_masks([w.detach()], [g], 0.1)
+    opt.step()
+    passive = ~mask
+    assert int(passive.sum()) == 1000 - opt.num_active > 800
+    assert torch.equal(w.detach()[passive], before[passive] * (1 - lr * wd))
+    assert torch.equal(w.detach()[mask], before[mask] - lr * (g[mask] + wd * before[mask]))
+
+
+def test_passive_weights_coast_on_momentum():
+    """A weight active at step 1 and passive at step 2 keeps moving by its momentum: buf = beta * buf + wd * w."""
+    w = nn.Parameter(torch.tensor([[4.0, 1.0], [1.0, 1.0]]))
+    opt = GSM([w], lr=0.5, momentum=0.5, weight_decay=0.0, nonzero_ratio=0.25)  # Q = 1
+    w.grad = torch.tensor([[1.0, 0.5, ], [0.5, 0.5]])
+    opt.step()  # only w[0, 0] is active: buf[0, 0] = 1
+    assert torch.equal(w.detach(), torch.tensor([[3.5, 1.0], [1.0, 1.0]]))
+    w.grad = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    opt.step()  # now only w[0, 1]: w[0, 0] coasts by lr * beta * 1 = 0.25
+    assert torch.equal(w.detach(), torch.tensor([[3.25, 0.5], [1.0, 1.0]]))
+    assert torch.equal(opt.state[w]["momentum_buffer"], torch.tensor([[0.5, 1.0], [0.0, 0.0]]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume, closure, grads that are None
+
+
+def test_state_dict_resume_is_exact():
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True, nonzero_ratio=0.1)
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = GSM(model.parameters(), **hyper)
+    data = torch.Generator().manual_seed(4)
+    batches = [tiny_batch(data) for _ in range(12)]
+    for x, y in batches[:5]:
+        loss_backward(model, x, y)
+        opt.step()
+    for p in model.parameters():
+        assert opt.state[p]["momentum_buffer"].shape == p.shape
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, saved)
+    for x, y in batches[5:]:
+        loss_backward(model, x, y)
+        opt.step()
+
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    torch.manual_seed(123)
+    resumed = TinyNet()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = GSM(resumed.parameters(), **hyper)
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    for p in resumed.parameters():
+        assert "momentum_buffer" in resumed_opt.state[p]
+    for x, y in batches[5:]:
+        loss_backward(resumed, x, y)
+        resumed_opt.step()
+    assert_same_weights(model, resumed)
+
+    # Without the optimizer state (fresh momentum) the run differs: the state is what made it exact.
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    restarted = TinyNet()
+    restarted.load_state_dict(checkpoint["model"])
+    restarted_opt = GSM(restarted.parameters(), **hyper)
+    for x, y in batches[5:]:
+        loss_backward(restarted, x, y)
+        restarted_opt.step()
+    assert not torch.equal(restarted.fc1.weight, model.fc1.weight)
+
+
+def test_step_with_closure_returns_its_loss():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = GSM(model.parameters(), lr=0.1, momentum=0.9, nonzero_ratio=0.5)
+    x, y = tiny_batch(torch.Generator().manual_seed(0))
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        calls.append(loss)
+        return loss
+
+    before = model.fc1.weight.detach().clone()
+    returned = opt.step(closure)
+    assert len(calls) == 1 and returned is calls[0]
+    assert returned.requires_grad  # computed with gradients enabled inside step's no_grad
+    assert not torch.equal(model.fc1.weight, before)
+    assert opt.num_active >= opt.keep_count == int(0.5 * (72 + 1024 + 80))
+    assert opt.step() is None
+
+
+def test_params_without_grad_are_skipped():
+    torch.manual_seed(0)
+    used, unused = nn.Linear(6, 4), nn.Linear(6, 4)
+    sgd_used = copy.deepcopy(used)
+    unused_before = [p.detach().clone() for p in unused.parameters()]
+    opt = GSM(list(used.parameters()) + list(unused.parameters()), lr=0.1, momentum=0.9, weight_decay=1e-2,
+              nonzero_ratio=1.0)
+    sgd = torch.optim.SGD(sgd_used.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    for _ in range(3):
+        loss_backward(used, x, y)
+        loss_backward(sgd_used, x, y)
+        opt.step()
+        sgd.step()
+    for p, before in zip(unused.parameters(), unused_before):
+        assert p.grad is None
+        assert torch.equal(p.detach(), before)
+        assert p not in opt.state or "momentum_buffer" not in opt.state[p]
+    assert_same_weights(used, sgd_used)
+
+
+def test_params_without_grad_with_masking():
+    """A masked step skips a grad-less parameter and ranks only the others."""
+    gen = torch.Generator().manual_seed(9)
+    a = nn.Parameter(torch.randn(10, 10, generator=gen))
+    b = nn.Parameter(torch.randn(10, 10, generator=gen))
+    b_before = b.detach().clone()
+    a.grad = torch.randn(10, 10, generator=gen)
+    opt = GSM([a, b], lr=0.1, momentum=0.0, nonzero_ratio=0.1)  # Q = 20 of N = 200
+    opt.step()
+    assert torch.equal(b.detach(), b_before)
+    assert opt.num_active == 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lr=-0.1), "learning rate"),
+    (dict(momentum=-0.1), "momentum"),
+    (dict(momentum=1.0), "momentum"),
+    (dict(momentum=1.5), "momentum"),
+    (dict(nonzero_ratio=0.0), "nonzero_ratio"),
+    (dict(nonzero_ratio=1.5), "nonzero_ratio"),
+    (dict(nonzero_ratio=-0.1), "nonzero_ratio"),
+    (dict(nonzero_ratio=None), "nonzero_ratio"),
+    (dict(momentum=0.0, nesterov=True), "nesterov"),
+    (dict(weight_decay=-1e-4), "weight_decay"),
+])
+def test_invalid_arguments(kwargs, name):
+    args = dict(lr=0.1, momentum=0.9, nonzero_ratio=0.1, weight_decay=0.0, nesterov=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        GSM(nn.Linear(3, 3).parameters(), **args)
+
+
+def test_nonzero_ratio_is_required():
+    with pytest.raises(ValueError, match="nonzero_ratio"):
+        GSM(nn.Linear(3, 3).parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("override,name", [
+    (dict(lr=-1.0), "learning rate"),
+    (dict(momentum=1.0), "momentum"),
+    (dict(weight_decay=-1.0), "weight_decay"),
+    (dict(momentum=0.0, nesterov=True), "nesterov"),
+    (dict(prunable="yes"), "prunable"),
+])
+def test_invalid_param_group(override, name):
+    layer = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match=name):
+        GSM([{"params": [layer.weight]}, {"params": [layer.bias], **override}], lr=0.1, momentum=0.9,
+            nonzero_ratio=0.5)
+
+
+def test_boundary_arguments_are_valid():
+    params = list(nn.Linear(3, 3).parameters())
+    GSM(params, lr=0.0, momentum=0.0, nonzero_ratio=1.0, weight_decay=0.0)
+    opt = GSM(params, lr=0.1, momentum=0.999, nonzero_ratio=1e-9, nesterov=True)
+    assert opt.keep_count == 0 and opt.num_prunable == 9
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kth_largest
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (10, 1), (10, 10), (1000, 3), (1000, 31), (1000, 32), (1000, 700),
+                                 (5000, 156), (5000, 157)])
+def test_kth_largest_equals_sorting(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    for values in (torch.rand(n, generator=gen), torch.randint(0, 5, (n,), generator=gen).float()):
+        expected = torch.sort(values, descending=True).values[k - 1]
+        value, searched = kth_largest(values, k)
+        assert torch.equal(value, expected) and searched == n
+        count_at_least = lambda bound: int((values >= bound).sum())  # noqa: E731
+        # A bound that admits >= k candidates: a narrowed search, same answer.
+        low = float(expected) * 0.9 if float(expected) > 0 else float(expected)
+        value, searched = kth_largest(values, k, lower_bound=low)
+        assert torch.equal(value, expected)
+        assert searched == count_at_least(low) >= k
+        # A bound above the answer admits fewer than k: the full search, same answer.
+        high = float(expected) + 1e-3
+        if count_at_least(high) < k:
+            value, searched = kth_largest(values, k, lower_bound=high)
+            assert torch.equal(value, expected) and searched == n
+
+
+def test_kth_largest_rejects_bad_k():
+    with pytest.raises(ValueError):
+        kth_largest(torch.rand(5), 0)
+    with pytest.raises(ValueError):
+        kth_largest(torch.rand(5), 6)

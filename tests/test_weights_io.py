@@ -1,0 +1,217 @@
+"""Tests for gsm.weights_io: the hdf5 weights format of DESIGN 3, load errors, and atomic writes."""
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from base_model import build_model
+from gsm.weights_io import WeightsFileError, load_hdf5, read_hdf5, save_hdf5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small tensors: one intra-op thread is fastest, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained_looking(name: str, seed: int) -> nn.Module:
+    """A model whose BN buffers are not at their defaults, so a round trip that skipped them would show."""
+    torch.manual_seed(seed)
+    model = build_model(name)
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                value.fill_(1234 + seed)
+            elif key.endswith(("running_mean", "running_var", "bias")):
+                value.copy_(torch.rand(value.shape) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", ["lenet5", "rc56"])
+def test_round_trip(tmp_path, name):
+    model = trained_looking(name, seed=0)
+    path = tmp_path / "finish.hdf5"
+    save_hdf5(model, path)
+    state = model.state_dict()
+    with h5py.File(path, "r") as f:
+        # One dataset per key, in state-dict order, nothing else (no groups, no attributes).
+        assert list(f.keys()) == list(state)
+        assert len(f.attrs) == 0
+        for key, value in state.items():
+            dataset = f[key]
+            assert isinstance(dataset, h5py.Dataset)
+            assert len(dataset.attrs) == 0
+            assert dataset.shape == tuple(value.shape)
+            assert dataset.dtype == (np.int64 if key.endswith("num_batches_tracked") else np.float32)
+            assert np.array_equal(dataset[()], value.numpy())
+    arrays = read_hdf5(path)
+    assert list(arrays) == list(state)
+    fresh = build_model(name)
+    assert not torch.equal(fresh.state_dict()[next(iter(state))], state[next(iter(state))])
+    assert load_hdf5(fresh, path) is fresh
+    loaded = fresh.state_dict()
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype, key
+        assert torch.equal(loaded[key], value), key
+    if name == "rc56":
+        assert int(loaded["conv1.bn.num_batches_tracked"]) == 1234
+        assert sum(k.endswith("num_batches_tracked") for k in loaded) == 57
+
+
+def test_slash_in_key_is_stored_as_plus(tmp_path):
+    tensors = {"stage1/block0/conv.weight": torch.ones(2, 3), "linear.bias": torch.arange(4, dtype=torch.float32),
+               "count": torch.tensor(5, dtype=torch.int64)}
+    path = tmp_path / "dict.hdf5"
+    save_hdf5(tensors, path)
+    with h5py.File(path, "r") as f:
+        assert list(f.keys()) == ["stage1+block0+conv.weight", "linear.bias", "count"]
+        assert isinstance(f["stage1+block0+conv.weight"], h5py.Dataset)
+        assert f["count"].dtype == np.int64 and f["count"][()] == 5
+    arrays = read_hdf5(path)
+    assert list(arrays) == list(tensors)
+    assert np.array_equal(arrays["stage1/block0/conv.weight"], np.ones((2, 3), dtype=np.float32))
+    assert arrays["stage1/block0/conv.weight"].dtype == np.float32
+
+
+def test_numpy_values_can_be_saved(tmp_path):
+    path = tmp_path / "np.hdf5"
+    save_hdf5({"w": np.full((2, 2), 0.25, dtype=np.float32)}, path)
+    assert np.array_equal(read_hdf5(path)["w"], np.full((2, 2), 0.25, dtype=np.float32))
+
+
+def write_raw(path, arrays: dict[str, np.ndarray]) -> None:
+    with h5py.File(path, "w") as f:
+        for key, value in arrays.items():
+            f.create_dataset(key, data=value)
+
+
+def lenet5_arrays() -> dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in build_model("lenet5").state_dict().items()}
+
+
+def test_load_reports_missing_key(tmp_path):
+    arrays = lenet5_arrays()
+    del arrays["linear1.bias"]
+    write_raw(tmp_path / "w.hdf5", arrays)
+    with pytest.raises(WeightsFileError, match=r"missing keys: linear1\.bias"):
+        load_hdf5(build_model("lenet5"), tmp_path / "w.hdf5")
+
+
+def test_load_reports_unexpected_key(tmp_path):
+    arrays = lenet5_arrays()
+    arrays["linear3.weight"] = np.zeros((3, 3), dtype=np.float32)
+    write_raw(tmp_path / "w.hdf5", arrays)
+    with pytest.raises(WeightsFileError, match=r"unexpected keys: linear3\.weight"):
+        load_hdf5(build_model("lenet5"), tmp_path / "w.hdf5")
+
+
+def test_load_reports_misshaped_key(tmp_path):
+    arrays = lenet5_arrays()
+    arrays["linear2.weight"] = np.zeros((10, 400), dtype=np.float32)
+    write_raw(tmp_path / "w.hdf5", arrays)
+    with pytest.raises(WeightsFileError, match=r"mis-shaped keys: linear2\.weight \(file \(10, 400\), "
+                                               r"model \(10, 500\)\)"):
+        load_hdf5(build_model("lenet5"), tmp_path / "w.hdf5")
+
+
+def test_load_reports_every_problem_and_changes_nothing(tmp_path):
+    arrays = lenet5_arrays()
+    del arrays["stem.conv1.weight"]
+    del arrays["linear2.bias"]
+    arrays["extra.weight"] = np.ones((2, 2), dtype=np.float32)
+    arrays["stem.conv2.bias"] = np.ones(49, dtype=np.float32)
+    write_raw(tmp_path / "w.hdf5", arrays)
+    model = build_model("lenet5")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsFileError) as info:
+        load_hdf5(model, tmp_path / "w.hdf5")
+    message = str(info.value)
+    for name in ["stem.conv1.weight", "linear2.bias", "extra.weight", "stem.conv2.bias"]:
+        assert name in message
+    assert "\n" not in message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_unreadable_files_raise_weights_file_error(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not weights\n")
+    empty = tmp_path / "empty.hdf5"
+    empty.write_bytes(b"")
+    folder = tmp_path / "folder.hdf5"
+    folder.mkdir()
+    grouped = tmp_path / "grouped.hdf5"
+    with h5py.File(grouped, "w") as f:
+        f.create_group("stem").create_dataset("w", data=np.ones(2))
+    no_arrays = tmp_path / "no_arrays.hdf5"
+    h5py.File(no_arrays, "w").close()
+    cases = [(tmp_path / "missing.hdf5", "no such file"), (text, "not a readable hdf5"), (empty, "empty"),
+             (folder, "folder"), (grouped, "group"), (no_arrays, "no arrays")]
+    for path, reason in cases:
+        with pytest.raises(WeightsFileError, match=reason) as info:
+            read_hdf5(path)
+        assert str(path) in str(info.value)
+        assert isinstance(info.value, ValueError)
+        with pytest.raises(WeightsFileError):
+            load_hdf5(build_model("lenet300"), path)
+
+
+def crash_on_call(original, n: int):
+    """A stand-in for h5py.Group.create_dataset that raises on its n-th call; counts calls in `.calls`."""
+
+    def create_dataset(group, *args, **kwargs):
+        create_dataset.calls += 1
+        if create_dataset.calls == n:
+            raise RuntimeError("simulated crash while saving")
+        return original(group, *args, **kwargs)
+
+    create_dataset.calls = 0
+    return create_dataset
+
+
+def test_crash_during_save_leaves_existing_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "finish.hdf5"
+    save_hdf5(trained_looking("lenet5", seed=1), path)
+    original_bytes = path.read_bytes()
+    crash = crash_on_call(h5py.Group.create_dataset, n=4)
+    monkeypatch.setattr(h5py.Group, "create_dataset", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        save_hdf5(trained_looking("lenet5", seed=2), path)
+    assert crash.calls == 4
+    assert path.read_bytes() == original_bytes
+    assert sorted(os.listdir(tmp_path)) == ["finish.hdf5"]  # no temporary file left behind
+    monkeypatch.undo()
+    model = build_model("lenet5")
+    load_hdf5(model, path)
+    assert torch.equal(model.linear1.bias, trained_looking("lenet5", seed=1).linear1.bias)
+
+
+def test_crash_during_first_save_leaves_nothing(tmp_path, monkeypatch):
+    class Exploding(dict):
+        """A state dict whose fifth value cannot be converted."""
+
+        def items(self):
+            for i, item in enumerate(super().items()):
+                if i == 4:
+                    raise KeyboardInterrupt
+                yield item
+
+    tensors = Exploding(build_model("lenet5").state_dict())
+    with pytest.raises(KeyboardInterrupt):
+        save_hdf5(tensors, tmp_path / "init.hdf5")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_overwrites_and_accepts_str_path(tmp_path):
+    path = str(tmp_path / "w.hdf5")
+    save_hdf5({"a": torch.zeros(2, 2)}, path)
+    save_hdf5({"b": torch.ones(3)}, path)
+    assert list(read_hdf5(path)) == ["b"]
+    assert sorted(os.listdir(tmp_path)) == ["w.hdf5"]
