@@ -583,8 +583,10 @@ def build_loaders(
 ) -> Tuple[DeviceLoader, DeviceLoader]:
     """Train and test loaders for "mnist" or "cifar10" with DESIGN 2's preprocessing.
 
-    The train loader shuffles with `seed` (and augments for cifar10); the test loader runs in eval mode with
-    `eval_batch_size`. Raises ValueError for an unknown name and DatasetError for unusable data.
+    The train loader shuffles with `seed` (and augments for cifar10) and gives rank `rank` of `world_size`
+    its slice of each global batch; the test loader runs in eval mode with `eval_batch_size` over the whole
+    test set (every rank evaluates all of it, so evaluation needs no collective calls). Raises ValueError
+    for an unknown name and DatasetError for unusable data.
     """
     if name == "mnist":
         load, normalize, augment = load_mnist, MNIST_NORMALIZE, False
@@ -592,10 +594,10 @@ def build_loaders(
         load, normalize, augment = load_cifar10, CIFAR10_NORMALIZE, True
     else:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    common = dict(normalize=normalize, device=device, seed=seed, rank=rank, world_size=world_size,
-                  channels_last=channels_last)
+    common = dict(normalize=normalize, device=device, seed=seed, channels_last=channels_last)
     train_images, train_labels = load(True, root=root, download=download)
     test_images, test_labels = load(False, root=root, download=download)
-    train_loader = DeviceLoader(train_images, train_labels, batch_size, train=True, augment=augment, **common)
+    train_loader = DeviceLoader(train_images, train_labels, batch_size, train=True, augment=augment, rank=rank,
+                                world_size=world_size, **common)
     test_loader = DeviceLoader(test_images, test_labels, eval_batch_size, train=False, augment=False, **common)
     return train_loader, test_loader
