@@ -1,0 +1,74 @@
+"""Multi-process training under torchrun: process-group set-up and DistributedDataParallel wrapping."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """Where this process trains: its rank among `world_size` processes and its device."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_writer(self) -> bool:
+        """Only rank 0 writes logs and files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_process(device: str) -> ProcessContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL with one GPU per process
+    (cuda:LOCAL_RANK) on CUDA, gloo on CPU. A single process just uses `device`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return ProcessContext(device=torch.device(device))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    requested = torch.device(device)
+    if requested.type == "cuda":
+        requested = torch.device("cuda", local_rank)
+        torch.cuda.set_device(requested)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if requested.type == "cuda" else "gloo")
+    return ProcessContext(rank=rank, world_size=world_size, device=requested)
+
+
+def wrap_model(model: nn.Module, context: ProcessContext) -> nn.Module:
+    """DistributedDataParallel around `model` when there are several processes. DDP averages the
+    gradients over the ranks during backward, so GSM ranks the same gradients and selects the same mask on
+    every rank. On CUDA, BatchNorm statistics are synchronised over the global batch (SyncBatchNorm), as a
+    single process with the whole batch would compute them."""
+    if not context.distributed:
+        return model
+    if context.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[context.device.index])
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over ranks (the tensor itself in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,63 @@
+"""Stages shared by the experiments: GSM training followed by the hard prune, and ticket retraining."""
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+from torch import Tensor, nn
+
+from gsm import exp_layout
+from gsm.experiment_config import TrainConfig
+from gsm.pruning import (apply_mask_to_weights, global_magnitude_mask, mask_count, prunable_parameters,
+                         sparsity_report)
+from gsm.selection import keep_count
+from gsm.train_log import StageLog
+from gsm.trainer import evaluate, train_stage
+from gsm.weights_io import save_hdf5, unwrap_model
+
+HARD_PRUNE_MARKER = "hard-pruned model:"
+# Magnitude above which a weight counts as clearly alive after GSM (reported against Q).
+ALIVE_MAGNITUDE = 0.01
+
+
+def gsm_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader, test_loader, *,
+              stage_config: Dict[str, Any], writer: bool = True, progress: bool = True,
+              amp: bool = False) -> Dict[str, Tensor]:
+    """GSM-train `model` from its current weights, then hard-prune it by global magnitude to
+    `finish_pruned.hdf5`, evaluate the pruned model and log its accuracy and kept count. Leaves the pruned
+    weights in `model` and returns the hard mask {name: bool}. Each part is skipped when already done."""
+    train_stage(model, folder, config, train_loader, test_loader, stage_config=stage_config, writer=writer,
+                progress=progress, amp=amp)
+    plain = unwrap_model(model)
+    mask = global_magnitude_mask(plain, config.nonzero_ratio)
+    report = sparsity_report(plain)
+    q = keep_count(report.elements, config.nonzero_ratio)
+    alive = sum(int((p.detach().abs() > ALIVE_MAGNITUDE).sum()) for p in prunable_parameters(plain).values())
+    apply_mask_to_weights(plain, mask)
+    log_path = Path(folder) / exp_layout.LOG
+    if writer and not _logged(log_path, HARD_PRUNE_MARKER):
+        save_hdf5(plain, Path(folder) / exp_layout.PRUNED_WEIGHTS)
+        top1, top5, loss = evaluate(model, test_loader, amp)
+        # One line, so that an interruption can never leave half of it logged.
+        StageLog(log_path).info(
+            f"{HARD_PRUNE_MARKER} kept {mask_count(mask)} of {report.elements} prunable weights "
+            f"(Q = {q}, compression {report.elements / mask_count(mask):.2f}x); before pruning {alive} weights "
+            f"had |w| > {ALIVE_MAGNITUDE} ({alive / max(q, 1):.3f} x Q); "
+            f"top1={top1:.5f}, top5={top5:.5f}, loss={loss:.6f}")
+    return mask
+
+
+def retrain_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader, test_loader,
+                  init_weights: Mapping[str, Tensor], mask: Mapping[str, Tensor], *,
+                  stage_config: Dict[str, Any], writer: bool = True, progress: bool = True) -> None:
+    """Retrain the ticket `init_weights * mask` with gradients multiplied by `mask` every step."""
+    plain = unwrap_model(model)
+    plain.load_state_dict(init_weights)
+    apply_mask_to_weights(plain, mask)
+    train_stage(model, folder, config, train_loader, test_loader, stage_config=stage_config, grad_mask=mask,
+                writer=writer, progress=progress)
+
+
+def _logged(log_path: Path, marker: str) -> bool:
+    if not log_path.exists():
+        return False
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        return any(marker in line for line in f)

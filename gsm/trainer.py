@@ -1,0 +1,245 @@
+"""One training stage: the lr schedule, parameter groups, evaluation, logging, checkpoints and resume."""
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from gsm import exp_layout
+from gsm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gsm.experiment_config import TrainConfig
+from gsm.lr_schedule import learning_rate
+from gsm.multi_gpu import all_reduce_mean, barrier
+from gsm.optimizer import GSM
+from gsm.train_log import StageLog, format_evaluation
+from gsm.weights_io import load_hdf5, save_hdf5, unwrap_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite; the last good checkpoint is kept."""
+
+
+class StageConfigMismatch(RuntimeError):
+    """A folder holds a stage trained (or being trained) with another configuration."""
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
+    """Biases and BatchNorm parameters get no weight decay; biases train at `bias_lr_factor` x lr.
+    Each group's `lr_factor` multiplies the scheduled lr."""
+    plain = unwrap_model(model)
+    norm_params = {id(p) for m in plain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   for p in m.parameters(recurse=False)}
+    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+    for name, p in plain.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_bias = name.endswith("bias")
+        no_decay = is_bias or id(p) in norm_params
+        key = (config.bias_lr_factor if is_bias else 1.0, 0.0 if no_decay else config.weight_decay)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "lr_factor": factor, "weight_decay": wd} for (factor, wd), ps in groups.items()]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, config)
+    if config.optimizer == "gsm":
+        return GSM(groups, lr=config.lr, momentum=config.momentum, nonzero_ratio=config.nonzero_ratio,
+                   nesterov=config.nesterov)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: sgd, gsm")
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast for the forward pass when `amp` (no loss scaling is needed with bf16)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def without_ddp(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (kept compiled if it was), for evaluation on one rank."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, amp: bool = False) -> Tuple[float, float, float]:
+    """Top-1 and top-5 accuracy in percent and the mean cross-entropy over the whole loader."""
+    model = without_ddp(model)
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = None
+    count = 0
+    for images, labels in loader:
+        with autocast(images.device, amp):
+            logits = model(images)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5.eq(labels[:, None])
+        batch = (hits[:, 0].sum(), hits.any(dim=1).sum(), F.cross_entropy(logits, labels, reduction="sum"))
+        if correct1 is None:
+            correct1, correct5, loss_sum = batch
+        else:
+            correct1, correct5, loss_sum = correct1 + batch[0], correct5 + batch[1], loss_sum + batch[2]
+        count += labels.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation loader is empty")
+    return 100.0 * float(correct1) / count, 100.0 * float(correct5) / count, float(loss_sum) / count
+
+
+def _mask_list(model: nn.Module, grad_mask: Optional[Mapping[str, Tensor]]):
+    """(params, float masks) for multiplying gradients by a {name: bool} mask with one foreach op."""
+    if not grad_mask:
+        return [], []
+    named = dict(unwrap_model(model).named_parameters())
+    params = [named[name] for name in grad_mask]
+    masks = [grad_mask[name].to(device=named[name].device, dtype=named[name].dtype) for name in grad_mask]
+    return params, masks
+
+
+def _check_config(folder: Path, stage_config: Dict[str, Any], what: str) -> None:
+    path = folder / exp_layout.STAGE_CONFIG
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != stage_config:
+            diff = sorted(k for k in set(saved) | set(stage_config) if saved.get(k) != stage_config.get(k))
+            raise StageConfigMismatch(
+                f"{folder} holds a {what} with another configuration (differs in: {', '.join(diff)}); "
+                f"use another --out-root, or delete that folder to train it again")
+
+
+def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader, test_loader, *,
+                stage_config: Dict[str, Any], grad_mask: Optional[Mapping[str, Tensor]] = None,
+                writer: bool = True, progress: bool = True, amp: bool = False) -> str:
+    """Train `model` in place for one stage, from its current weights, writing into `folder`.
+
+    A finished stage (finish.hdf5 present) is loaded and skipped; an interrupted one resumes from its last
+    epoch checkpoint with the log cut back to that point. `stage_config` (JSON-able) identifies the run: a
+    folder written with another one is refused. `grad_mask` ({name: bool}) multiplies the gradients every
+    step so that pruned weights stay zero. Only a `writer` (rank 0) writes files; under torchrun every
+    rank calls this with the DDP-wrapped model. `amp` runs forward passes under bf16 autocast. Inside an
+    iteration nothing waits for the device except the progress bar's loss readout every 25 iterations.
+    Returns 'skipped', 'resumed' or 'trained'.
+    """
+    folder = Path(folder)
+    finish_path = folder / exp_layout.FINISH_WEIGHTS
+    if finish_path.exists():
+        _check_config(folder, stage_config, "finished stage")
+        load_hdf5(model, finish_path)
+        return "skipped"
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+    log = StageLog(folder / exp_layout.LOG if writer else None, echo=writer)
+    checkpoint_path = folder / exp_layout.CHECKPOINT
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(model, config)
+    checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+    if checkpoint is not None:
+        if checkpoint.get("stage_config") != stage_config:
+            raise StageConfigMismatch(
+                f"{checkpoint_path} belongs to a run with another configuration; rerun with the same options, "
+                f"use another --out-root, or delete {folder} to start this stage again")
+        unwrap_model(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["torch_rng"].cpu())
+        start_epoch = checkpoint["next_epoch"]
+        log.truncate(checkpoint["log_size"])
+        log.info(f"resumed from {exp_layout.CHECKPOINT} at epoch {start_epoch}")
+        outcome = "resumed"
+    else:
+        if writer:
+            (folder / exp_layout.STAGE_CONFIG).write_text(json.dumps(stage_config, indent=1, sort_keys=True))
+            save_hdf5(model, folder / exp_layout.INIT_WEIGHTS)
+        # A run stopped before its first checkpoint starts over: drop its lines, as a resume drops those
+        # after its checkpoint, so that no evaluation is logged twice.
+        log.truncate(0)
+        log.info(f"start training: {json.dumps(stage_config, sort_keys=True)}")
+        start_epoch = 0
+        outcome = "trained"
+
+    iters_per_epoch = len(train_loader)
+    if iters_per_epoch == 0:
+        raise ValueError(f"the training set is smaller than one batch of {config.batch_size}")
+    warmup_iters = config.warmup_iters(iters_per_epoch)
+    drop_iters = config.drop_iters(iters_per_epoch)
+
+    def lr_at(iteration: int) -> float:
+        return learning_rate(iteration, config.lr, warmup_iters, drop_iters)
+
+    mask_pairs = _mask_list(model, grad_mask)
+    num_epochs = config.num_epochs
+    for epoch in range(start_epoch, num_epochs):
+        if epoch % 2 == 0:
+            log.info(format_evaluation(epoch, *evaluate(model, test_loader, amp)))
+        started = time.perf_counter()
+        with tqdm(total=iters_per_epoch, desc=f"{folder.name} {epoch + 1}/{num_epochs}", leave=False,
+                  disable=not (progress and writer) or None, dynamic_ncols=True) as bar:
+            losses = train_epoch(model, optimizer, train_loader, epoch, lr_at, amp=amp, grad_mask=mask_pairs,
+                                 bar=bar)
+        losses = all_reduce_mean(losses)  # every rank sees the same losses, so all stop together
+        _check_finite(model, losses, epoch, iters_per_epoch, checkpoint_path)
+        seconds = time.perf_counter() - started
+        images_seen = iters_per_epoch * config.batch_size
+        lr = lr_at((epoch + 1) * iters_per_epoch - 1)
+        log.info(f"epoch {epoch} done: mean loss {float(losses.mean()):.6f}, lr {lr:.6g}, "
+                 f"{seconds:.2f} s, {images_seen / seconds:.0f} images/s")
+        if writer:
+            save_checkpoint({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                             "next_epoch": epoch + 1, "log_size": log.size(), "stage_config": stage_config,
+                             "torch_rng": torch.get_rng_state()}, checkpoint_path)
+    log.info(format_evaluation(num_epochs, *evaluate(model, test_loader, amp)))
+    if writer:
+        save_hdf5(model, finish_path)
+        checkpoint_path.unlink(missing_ok=True)
+    barrier()
+    return outcome
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoch: int,
+                lr_at: Callable[[int], float], *, amp: bool = False,
+                grad_mask: Tuple[List[Tensor], List[Tensor]] = ([], []), bar: Optional[tqdm] = None) -> Tensor:
+    """One epoch of forward, cross-entropy, backward, optional gradient mask and optimizer step, with the lr
+    of global iteration `epoch * len(loader) + i` times each group's `lr_factor`. Returns the per-iteration
+    losses as a device tensor (no host synchronisation except the progress bar's readout)."""
+    iters_per_epoch = len(loader)
+    device = next(model.parameters()).device
+    mask_params, mask_values = grad_mask
+    losses = torch.zeros(iters_per_epoch, device=device)
+    model.train()
+    loader.set_epoch(epoch)
+    for i, (images, labels) in enumerate(loader):
+        lr = lr_at(epoch * iters_per_epoch + i)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_factor", 1.0)
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if mask_params:
+            torch._foreach_mul_([p.grad for p in mask_params], mask_values)
+        optimizer.step()
+        losses[i] = loss.detach()
+        if bar is not None and not bar.disable and (i % 25 == 0 or i == iters_per_epoch - 1):
+            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.3g}", refresh=False)
+            bar.update(i + 1 - bar.n)
+    return losses
+
+
+def _check_finite(model: nn.Module, losses: Tensor, epoch: int, iters_per_epoch: int,
+                  checkpoint_path: Path) -> None:
+    """Stop with a message naming the first non-finite loss (or the weights) of the epoch."""
+    finite = torch.isfinite(losses)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0])
+        raise TrainingDiverged(
+            f"non-finite loss at epoch {epoch}, iteration {first} (global iteration "
+            f"{epoch * iters_per_epoch + first}); the last good checkpoint {checkpoint_path} is kept: "
+            f"lower the learning rate or check the data, then rerun to resume from it")
+    norms = torch._foreach_norm([p.detach() for p in model.parameters()])
+    if not math.isfinite(float(torch.stack(norms).sum())):
+        raise TrainingDiverged(f"non-finite weights after epoch {epoch}; the last good checkpoint "
+                               f"{checkpoint_path} is kept")
