@@ -1,0 +1,63 @@
+"""The CIFAR-10 ResNet experiment: base training, GSM training at compression R, and the hard prune."""
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+import dataset
+from base_model import MODEL_DATASETS, build_model
+from gsm import exp_layout
+from gsm.experiment_config import RC_BASE, RC_GSM, RunOptions, gsm_config
+from gsm.multi_gpu import init_process, shutdown, wrap_model
+from gsm.pipeline import gsm_stage
+from gsm.trainer import train_stage
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """One CIFAR ResNet run: depth name, compression ratio, and the speed options (results unchanged up to
+    bf16 rounding with `amp`)."""
+    arch: str = "rc56"
+    ratio: float = 10.0
+    amp: bool = False
+    compile: bool = False
+    options: RunOptions = RunOptions()
+
+
+def run_resnet(config: ResNetConfig) -> Dict[str, str]:
+    """Base training (skipped when its finish.hdf5 exists), GSM training from it, and the hard prune to
+    finish_pruned.hdf5; under torchrun, the global batch is split over the ranks and rank 0 writes."""
+    opts = config.options
+    context = init_process(opts.device)
+    try:
+        return _run(config, context)
+    finally:
+        shutdown()
+
+
+def _run(config: ResNetConfig, context) -> Dict[str, str]:
+    opts = config.options
+    device = context.device
+    fast = device.type == "cuda"  # channels_last pays off with cuDNN; on CPU the default layout is faster
+    base_config = RC_BASE.scaled(opts.scale)
+    gsm_train_config = gsm_config(RC_GSM, config.ratio).scaled(opts.scale)
+    train_loader, test_loader = dataset.build_loaders(
+        MODEL_DATASETS[config.arch], base_config.batch_size, device, seed=opts.seed,
+        root=opts.data_root or None, rank=context.rank, world_size=context.world_size, channels_last=fast)
+    folders = {"base": exp_layout.rc_base_dir(opts.out_root, config.arch),
+               "gsm": exp_layout.rc_gsm_dir(opts.out_root, config.arch, config.ratio)}
+    common = {"model": config.arch, "seed": opts.seed}
+
+    torch.manual_seed(opts.seed)
+    plain = build_model(config.arch).to(device)
+    if fast:
+        plain = plain.to(memory_format=torch.channels_last)
+    model = torch.compile(plain) if config.compile else plain
+    model = wrap_model(model, context)
+    stage_options = dict(writer=context.is_writer, progress=opts.progress, amp=config.amp)
+    train_stage(model, folders["base"], base_config, train_loader, test_loader,
+                stage_config={"stage": "base", **common, "train": base_config.to_dict()}, **stage_options)
+    gsm_stage(model, folders["gsm"], gsm_train_config, train_loader, test_loader,
+              stage_config={"stage": "gsm", **common, "base": base_config.to_dict(),
+                            "train": gsm_train_config.to_dict()}, **stage_options)
+    return {name: str(path) for name, path in folders.items()}

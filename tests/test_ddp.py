@@ -1,0 +1,77 @@
+"""DistributedDataParallel on CPU (gloo, 2 processes): every rank selects the same GSM mask, ranks end with
+identical weights, and those equal a single process running the same global batches."""
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dataset
+from base_model import build_model
+from gsm.experiment_config import TrainConfig
+from gsm.multi_gpu import ProcessContext, wrap_model
+from gsm.trainer import train_stage
+from gsm.weights_io import read_hdf5
+
+CONFIG = TrainConfig(epochs=2, batch_size=32, lr=0.05, lr_drop_epochs=(1,), momentum=0.9, weight_decay=5e-4,
+                     nesterov=True, optimizer="gsm", nonzero_ratio=0.05)
+
+
+def _data():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (128,), generator=generator)
+    images = torch.randint(0, 60, (128, 1, 28, 28), generator=generator, dtype=torch.uint8)
+    images[torch.arange(128), 0, labels * 2, :] = 255  # a learnable, label-dependent stripe
+    return images, labels
+
+
+def _train(folder: Path, rank: int, world_size: int) -> torch.nn.Module:
+    images, labels = _data()
+    common = dict(normalize=dataset.MNIST_NORMALIZE, device="cpu", seed=3)
+    train_loader = dataset.DeviceLoader(images, labels, CONFIG.batch_size, train=True, augment=False,
+                                        rank=rank, world_size=world_size, **common)
+    test_loader = dataset.DeviceLoader(images[:64], labels[:64], 64, train=False, augment=False, **common)
+    torch.manual_seed(0)
+    context = ProcessContext(rank=rank, world_size=world_size)
+    model = wrap_model(build_model("lenet300"), context)
+    train_stage(model, folder, CONFIG, train_loader, test_loader, stage_config={"test": "ddp"},
+                writer=context.is_writer, progress=False)
+    return model
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = _train(Path(out_dir) / "ddp", rank, world_size)
+        torch.save(model.module.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+    single = _train(tmp_path / "single", 0, 1).state_dict()
+    for key in single:
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-6)
+
+    # Only rank 0 wrote: one folder with the stage's files, a log with its evaluations.
+    written = read_hdf5(tmp_path / "ddp" / "finish.hdf5")
+    for key in single:
+        assert torch.equal(torch.from_numpy(written[key]), rank0[key]), key
+    log = (tmp_path / "ddp" / "log.txt").read_text().splitlines()
+    assert sum("validate at epoch" in line for line in log) == 2  # epoch 0 and after the last epoch

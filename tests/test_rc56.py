@@ -1,0 +1,74 @@
+"""Smoke run of gsm/gsm_rc56.py on generated CIFAR-10 files in the real pickle format."""
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gsm.pruning import sparsity_report
+from gsm.weights_io import read_hdf5
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_fake_cifar10(root: Path, train_per_file: int = 32, test_count: int = 64) -> Path:
+    """cifar-10-batches-py/ with five training pickles and a test pickle; label-dependent colours."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = [(f"data_batch_{i}", train_per_file) for i in range(1, 6)] + [("test_batch", test_count)]
+    for name, count in files:
+        labels = rng.integers(0, 10, count)
+        data = (rng.integers(0, 40, (count, 3072)) + 20 * labels[:, None]).astype(np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": data}, f)
+    return root
+
+
+def run_script(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "gsm" / "gsm_rc56.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_rc56_smoke_run_writes_base_gsm_and_a_10x_pruned_model(tmp_path):
+    data = write_fake_cifar10(tmp_path / "data")
+    out = tmp_path / "out"
+    # scale 0.002: 1 base epoch (of 500) and 1 GSM epoch (of 600), 2 iterations each at batch 64.
+    result = run_script("--scale", "0.002", "--device", "cpu", "--data-root", str(data), "--out-root", str(out),
+                        "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    base, gsm_dir = out / "gsm_exps" / "rc56_base_train", out / "gsm_exps" / "rc56_gsm"
+    assert sorted(p.name for p in base.iterdir()) == ["config.json", "finish.hdf5", "init.hdf5", "log.txt"]
+    assert sorted(p.name for p in gsm_dir.iterdir()) == ["config.json", "finish.hdf5", "finish_pruned.hdf5",
+                                                         "init.hdf5", "log.txt"]
+    # GSM starts from the base result, BatchNorm buffers included.
+    base_finish, gsm_init = read_hdf5(base / "finish.hdf5"), read_hdf5(gsm_dir / "init.hdf5")
+    assert base_finish.keys() == gsm_init.keys()
+    for key in base_finish:
+        np.testing.assert_array_equal(base_finish[key], gsm_init[key])
+    report = sparsity_report(read_hdf5(gsm_dir / "finish_pruned.hdf5"))
+    assert (report.elements, report.nonzeros) == (851504, 85151)
+
+    gsm_log = (gsm_dir / "log.txt").read_text()
+    assert "hard-pruned model: kept 85151 of 851504 prunable weights (Q = 85150" in gsm_log
+    assert [line.split("validate at epoch ")[1].split(",")[0] for line in gsm_log.splitlines()
+            if "validate at epoch" in line] == ["0", "1"]
+
+    shown = subprocess.run([sys.executable, str(REPO / "display_hdf5.py"), str(gsm_dir / "finish_pruned.hdf5")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "non-zeros: 85151" in shown and "compression ratio: 10.000" in shown
+
+    # Rerunning finds both stages finished and trains nothing.
+    logs_before = {p: p.read_text() for p in (base / "log.txt", gsm_dir / "log.txt")}
+    again = run_script("--scale", "0.002", "--device", "cpu", "--data-root", str(data), "--out-root", str(out),
+                       "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert {p: p.read_text() for p in logs_before} == logs_before
+
+
+def test_rc56_usage_errors_exit_2(tmp_path):
+    for args in (["--ratio", "1"], ["--ratio", "abc"], ["--arch", "rc57"], ["--bogus"]):
+        result = run_script(*args, "--out-root", str(tmp_path), cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
