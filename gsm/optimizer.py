@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gsm.selection import ThresholdFinder, flat_metric, keep_count, split_flat
+from gsm.selection import ThresholdFinder, at_least, flat_metric, keep_count, masked, split_flat
 
 
 class GSM(Optimizer):
@@ -116,7 +116,7 @@ class GSM(Optimizer):
             mask = torch.zeros_like(metric, dtype=torch.bool)
         else:
             self.last_threshold = self._threshold_finder(metric, q)
-            mask = metric >= self.last_threshold
+            mask = at_least(metric, self.last_threshold)
         self._last_mask = mask
         return dict(zip(ranked, split_flat(mask, ranked)))
 
@@ -138,7 +138,7 @@ class GSM(Optimizer):
                     raise RuntimeError("GSM does not support sparse gradients")
                 params.append(p)
                 mask = masks.get(p)
-                directions.append(p.grad if mask is None else torch.where(mask, p.grad, 0.0))
+                directions.append(p.grad if mask is None else masked(p.grad, mask))
             if params:
                 self._update(group, params, directions)
         return loss

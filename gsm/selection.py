@@ -1,6 +1,7 @@
 """GSM's selection: the metric |w * g|, its exact global Q-th largest value, and the active mask."""
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -8,6 +9,38 @@ from torch import Tensor
 def keep_count(num_prunable: int, nonzero_ratio: float) -> int:
     """Q = int(nonzero_ratio * N), the number of elements that receive loss gradients (DESIGN 1)."""
     return int(nonzero_ratio * num_prunable)
+
+
+def _numpy_view(values: Tensor) -> Optional[np.ndarray]:
+    """A zero-copy numpy view of a contiguous float32 CPU tensor, else None. numpy's vectorised comparisons
+    and boolean selection run several times faster than torch's on arrays of this size (10^5 to 10^6)."""
+    if values.device.type == "cpu" and values.dtype == torch.float32 and values.is_contiguous():
+        return values.detach().numpy()
+    return None
+
+
+def at_least(values: Tensor, threshold) -> Tensor:
+    """The bool tensor `values >= threshold`."""
+    array = _numpy_view(values)
+    if array is not None:
+        return torch.from_numpy(array >= float(threshold))
+    return values >= threshold
+
+
+def elements_at_least(values: Tensor, threshold) -> Tensor:
+    """The elements of `values` that are >= threshold, in order, as a 1-D tensor."""
+    array = _numpy_view(values)
+    if array is not None:
+        return torch.from_numpy(array[array >= float(threshold)])
+    return values[values >= threshold]
+
+
+def masked(grad: Tensor, mask: Tensor) -> Tensor:
+    """mask * grad as a new tensor (the masked loss gradient of DESIGN 1)."""
+    grad_array, mask_array = _numpy_view(grad), (mask.numpy() if mask.device.type == "cpu" else None)
+    if grad_array is not None and mask_array is not None:
+        return torch.from_numpy(grad_array * mask_array)
+    return grad * mask
 
 
 def kth_largest(values: Tensor, k: int, lower_bound: Optional[float] = None) -> Tuple[Tensor, int]:
@@ -21,7 +54,7 @@ def kth_largest(values: Tensor, k: int, lower_bound: Optional[float] = None) -> 
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if lower_bound is not None:
-        candidates = values[values >= lower_bound]
+        candidates = elements_at_least(values, lower_bound)
         count = candidates.numel()
         if count >= k:
             return _kth_largest_full(candidates, k), count
@@ -30,6 +63,10 @@ def kth_largest(values: Tensor, k: int, lower_bound: Optional[float] = None) -> 
 
 def _kth_largest_full(values: Tensor, k: int) -> Tensor:
     n = values.numel()
+    array = _numpy_view(values)
+    if array is not None and n <= 65536:
+        # A small candidate set: numpy's single-threaded introselect beats waking torch's thread pool.
+        return torch.tensor(np.partition(array, n - k)[n - k])
     # topk is the faster selection for a small k; kthvalue (quickselect) for a large one.
     if values.device.type != "cpu" or 32 * k <= n:
         return values.topk(k, sorted=False).values.min()
@@ -68,11 +105,19 @@ def flat_metric(params: Sequence[Tensor], grads: Sequence[Tensor], out: Optional
     total = sum(p.numel() for p in params)
     if out is None or out.numel() != total:
         out = torch.empty(total, dtype=torch.float32, device=params[0].device)
+    out_array = _numpy_view(out)
     offset = 0
     for p, g in zip(params, grads):
         n = p.numel()
-        torch.mul(p.reshape(-1), g.reshape(-1), out=out[offset:offset + n])
+        p_array, g_array = _numpy_view(p), _numpy_view(g)
+        if out_array is not None and p_array is not None and g_array is not None:
+            np.multiply(p_array.reshape(-1), g_array.reshape(-1), out=out_array[offset:offset + n])
+        else:
+            torch.mul(p.detach().reshape(-1), g.reshape(-1), out=out[offset:offset + n])
         offset += n
+    if out_array is not None:
+        np.abs(out_array, out=out_array)
+        return out
     return out.abs_()
 
 
@@ -85,6 +130,7 @@ def split_flat(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
     return views
 
 
+@torch.no_grad()
 def active_masks(params: Sequence[Tensor], grads: Sequence[Tensor], nonzero_ratio: float) -> List[Tensor]:
     """The reference selection of DESIGN 1 as a pure function: boolean masks of the elements whose metric
     |w * g| is >= the Q-th largest metric over all of `params` (ties at the threshold are all kept)."""
@@ -95,5 +141,5 @@ def active_masks(params: Sequence[Tensor], grads: Sequence[Tensor], nonzero_rati
     if q == 0:
         return [torch.zeros_like(p, dtype=torch.bool) for p in params]
     threshold, _ = kth_largest(metric, q)
-    return split_flat(metric >= threshold, params)
+    return split_flat(at_least(metric, threshold), params)
 
