@@ -597,6 +597,13 @@ def build_loaders(
     common = dict(normalize=normalize, device=device, seed=seed, channels_last=channels_last)
     train_images, train_labels = load(True, root=root, download=download)
     test_images, test_labels = load(False, root=root, download=download)
+    # A split cut short (but well-formed) would otherwise fail later, inside the loader or the evaluation.
+    if train_images.shape[0] < batch_size or test_images.shape[0] == 0:
+        find_folder = _find_mnist_folder if name == "mnist" else _find_cifar_folder
+        folder = find_folder(default_root(name) if root is None else root)
+        cause = (f"the training split has {train_images.shape[0]} examples, fewer than one batch of {batch_size}"
+                 if train_images.shape[0] < batch_size else "the test split has no examples")
+        raise DatasetError(folder, ENV_VARS[name], cause)
     train_loader = DeviceLoader(train_images, train_labels, batch_size, train=True, augment=augment, rank=rank,
                                 world_size=world_size, **common)
     test_loader = DeviceLoader(test_images, test_labels, eval_batch_size, train=False, augment=False, **common)

@@ -37,7 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         arrays = read_hdf5(args.file)
     except WeightsFileError as exc:
-        print(f"display_hdf5.py: error: {exc}", file=sys.stderr)
+        print(f"display_hdf5.py: error: {exc}; give the path of an hdf5 weights file, e.g. "
+              f"gsm_exps/rc56_gsm/finish_pruned.hdf5", file=sys.stderr)
         return 1
     print(describe_arrays(arrays))
     print()

@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.root.is_dir():
-        parser.error(f"--root {args.root}: not a folder")
+        parser.error(f"--root {args.root}: not a folder; pass the folder that holds gsm_exps/ and "
+                     f"gsm_lottery_ticket_exps/")
 
     logs = find_logs(args.root)
     if not logs:

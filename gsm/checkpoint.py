@@ -1,7 +1,8 @@
 """Atomic resume checkpoints: everything needed to continue a training stage in one file."""
 import os
+import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -32,5 +33,40 @@ def load_checkpoint(path: Path, map_location: Optional[torch.device] = None) -> 
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # a truncated or foreign file: say which and how to recover
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {exc}); "
+        reason = " ".join(str(exc).split())  # torch's messages can span lines; the report is one line
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {reason}); "
                               f"delete it to restart this stage from its beginning") from exc
+
+
+# `<name>.tmp<pid>`: the temporary name under which save_checkpoint and weights_io.save_hdf5 write.
+_TEMP_NAME = re.compile(r"\.tmp(\d+)$")
+
+
+def remove_stale_temp_files(folder: Path) -> List[Path]:
+    """Delete the temporary files `<name>.tmp<pid>` in `folder` whose writing process no longer runs.
+
+    An atomic write removes its temporary file when it fails, but a process killed mid-write (SIGKILL, the
+    out-of-memory killer, a power cut) leaves it behind, and a rerun has another pid, so nothing else would
+    ever remove it. A file whose pid is alive on this machine (or is this process) is kept. Returns the
+    removed paths."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        match = _TEMP_NAME.search(path.name)
+        if match and path.is_file() and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # elsewhere os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # e.g. PermissionError: it exists but belongs to another user
+        return True
+    return True

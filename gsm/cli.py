@@ -8,7 +8,10 @@ from typing import Callable, List, Optional
 
 import torch
 
+from base_model import build_model
 from gsm.experiment_config import RunOptions
+from gsm.pruning import prunable_parameters
+from gsm.selection import keep_count
 
 
 def compression_ratio(text: str) -> float:
@@ -20,6 +23,16 @@ def compression_ratio(text: str) -> float:
     if not value > 1 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"compression ratio must be a finite number > 1, got {text!r}")
     return value
+
+
+def check_ratio_keeps_weights(parser: argparse.ArgumentParser, ratio: float, model_name: str) -> None:
+    """A usage error when R leaves no weight to keep: Q = int(N / R) = 0 for the model's N prunable weights
+    (GSM would rank nothing, and past R ~ 1e16 the hard prune fails after the base has trained)."""
+    with torch.device("meta"):  # only the shapes are needed: no memory, no random initialisation
+        num_prunable = sum(p.numel() for p in prunable_parameters(build_model(model_name)).values())
+    if keep_count(num_prunable, 1.0 / ratio) < 1:
+        parser.error(f"compression ratio {ratio:g} keeps none of the {num_prunable} prunable weights of "
+                     f"{model_name}; use a ratio of at most {num_prunable}")
 
 
 def positive_float(text: str) -> float:
@@ -68,7 +81,7 @@ def check_writable(folder: str, parser: argparse.ArgumentParser) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
-        parser.error(f"--out-root: cannot create {folder}: {exc.strerror}")
+        parser.error(f"--out-root: cannot create {folder}: {exc.strerror}; choose another with --out-root")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
         parser.error(f"--out-root: {folder} is not a writable folder; choose another with --out-root")
 
@@ -84,15 +97,26 @@ def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
     try:
         return main(argv)
     except (DatasetError, CheckpointError, StageConfigMismatch, TrainingDiverged, WeightsFileError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the cause
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume from the last epoch checkpoint",
               file=sys.stderr)
         return 130
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            print(f"{prog}: error: {exc.strerror}: {exc.filename or ''}; the last checkpoint is intact, "
-                  f"free space or fix permissions and run the same command again to resume", file=sys.stderr)
-            return 1
-        raise
+    except OSError as exc:  # a full disk, a read-only file system, a file where a folder should be
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line: what failed, on which file, and what to do. Every write of a stage is atomic, so the files
+    already written (and the last epoch checkpoint) are intact and the same command resumes."""
+    reason = " ".join((exc.strerror or str(exc) or type(exc).__name__).split())
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some disk space, then run the same command again to resume from the last epoch checkpoint"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make that location writable, then run the same command again to resume"
+    else:
+        fix = ("fix that path" if exc.filename else "fix the cause") + ", then run the same command again to resume"
+    return f"{reason}{where}; {fix} (files already written are intact)"

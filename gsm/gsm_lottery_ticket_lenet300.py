@@ -3,7 +3,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from gsm.cli import add_run_options, compression_ratio, run_main, run_options
+from gsm.cli import add_run_options, check_ratio_keeps_weights, compression_ratio, run_main, run_options
 from gsm.experiment_config import DEFAULT_RECIPE, RECIPES
 from gsm.lottery import LotteryConfig, run_lottery
 
@@ -21,6 +21,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "'released' (280 epochs, lr 1e-2, the released code's final version)")
     add_run_options(parser)
     args = parser.parse_args(argv)
+    check_ratio_keeps_weights(parser, args.ratio, NET)
     run_lottery(LotteryConfig(NET, args.ratio, args.recipe, run_options(args, parser)))
     return 0
 

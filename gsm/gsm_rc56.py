@@ -3,7 +3,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from gsm.cli import add_run_options, compression_ratio, run_main, run_options
+from gsm.cli import add_run_options, check_ratio_keeps_weights, compression_ratio, run_main, run_options
 from gsm.rc56 import ResNetConfig, run_resnet
 
 ARCHS = ("rc20", "rc32", "rc44", "rc56", "rc110")
@@ -22,6 +22,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     add_run_options(parser)
     args = parser.parse_args(argv)
+    check_ratio_keeps_weights(parser, args.ratio, args.arch)
     run_resnet(ResNetConfig(args.arch, args.ratio, args.amp, args.compile, run_options(args, parser)))
     return 0
 

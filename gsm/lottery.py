@@ -1,4 +1,5 @@
 """The lottery-ticket experiment: a base run, GSM and magnitude masks, and the two ticket retrains."""
+import copy
 from dataclasses import dataclass
 from typing import Dict
 
@@ -10,8 +11,7 @@ from gsm import exp_layout
 from gsm.experiment_config import DEFAULT_RECIPE, LENET_BASE, LENET_GSM, RunOptions, gsm_config
 from gsm.pipeline import gsm_stage, retrain_stage
 from gsm.pruning import global_magnitude_mask
-from gsm.trainer import train_stage
-from gsm.weights_io import read_hdf5
+from gsm.trainer import load_stage_weights, train_stage
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,10 @@ def run_lottery(config: LotteryConfig) -> Dict[str, str]:
     model = build_model(config.net).to(device)
     train_stage(model, folders["base"], base_config, *loaders, progress=opts.progress,
                 stage_config={"stage": "base", **common, "train": base_config.to_dict()})
-    base_init = {k: torch.from_numpy(v).to(device)
-                 for k, v in read_hdf5(folders["base"] / exp_layout.INIT_WEIGHTS).items()}
+    # Checked against the model now, so that a damaged init.hdf5 stops the run before the GSM stage trains.
+    init_model = copy.deepcopy(model)
+    load_stage_weights(init_model, folders["base"], exp_layout.INIT_WEIGHTS)
+    base_init = {k: v.detach() for k, v in init_model.state_dict().items()}
 
     # 2. Masks: magnitude from the base result; GSM from GSM training that starts at the base result.
     magnitude_mask = global_magnitude_mask(model, 1.0 / config.ratio)

@@ -32,9 +32,11 @@ def gsm_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader,
     q = keep_count(report.elements, config.nonzero_ratio)
     alive = sum(int((p.detach().abs() > ALIVE_MAGNITUDE).sum()) for p in prunable_parameters(plain).values())
     apply_mask_to_weights(plain, mask)
-    log_path = Path(folder) / exp_layout.LOG
-    if writer and not _logged(log_path, HARD_PRUNE_MARKER):
-        save_hdf5(plain, Path(folder) / exp_layout.PRUNED_WEIGHTS)
+    log_path, pruned_path = Path(folder) / exp_layout.LOG, Path(folder) / exp_layout.PRUNED_WEIGHTS
+    logged = writer and _logged(log_path, HARD_PRUNE_MARKER)
+    if writer and not (logged and pruned_path.exists()):  # a deleted one is written again (deterministic)
+        save_hdf5(plain, pruned_path)
+    if writer and not logged:
         top1, top5, loss = evaluate(model, test_loader, amp)
         # One line, so that an interruption can never leave half of it logged.
         StageLog(log_path).info(

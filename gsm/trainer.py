@@ -11,13 +11,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gsm import exp_layout
-from gsm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gsm.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from gsm.experiment_config import TrainConfig
 from gsm.lr_schedule import learning_rate
 from gsm.multi_gpu import all_reduce_mean, barrier
 from gsm.optimizer import GSM
 from gsm.train_log import StageLog, format_evaluation
-from gsm.weights_io import load_hdf5, save_hdf5, unwrap_model
+from gsm.weights_io import WeightsFileError, load_hdf5, save_hdf5, unwrap_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,10 +101,27 @@ def _mask_list(model: nn.Module, grad_mask: Optional[Mapping[str, Tensor]]):
     return params, masks
 
 
+def load_stage_weights(model: nn.Module, folder: Path, file_name: str) -> None:
+    """Load `folder/file_name` (a stage's init.hdf5 or finish.hdf5) into `model`; a file that cannot be read
+    or does not fit is reported in one line that says how to recover."""
+    try:
+        load_hdf5(model, Path(folder) / file_name)
+    except WeightsFileError as exc:
+        raise WeightsFileError(f"{exc}; restore that file, or delete {folder} to train this stage again") from exc
+
+
 def _check_config(folder: Path, stage_config: Dict[str, Any], what: str) -> None:
     path = folder / exp_layout.STAGE_CONFIG
     if path.exists():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            saved = exc
+        if not isinstance(saved, dict):
+            reason = f"{type(saved).__name__}: {saved}" if isinstance(saved, Exception) else "not a JSON object"
+            raise StageConfigMismatch(
+                f"{path}: unreadable stage configuration ({' '.join(reason.split())}); restore it, or delete "
+                f"{folder} to train this stage again")
         if saved != stage_config:
             diff = sorted(k for k in set(saved) | set(stage_config) if saved.get(k) != stage_config.get(k))
             raise StageConfigMismatch(
@@ -127,19 +144,24 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
     """
     folder = Path(folder)
     finish_path = folder / exp_layout.FINISH_WEIGHTS
+    checkpoint_path = folder / exp_layout.CHECKPOINT
     if finish_path.exists():
         _check_config(folder, stage_config, "finished stage")
-        load_hdf5(model, finish_path)
+        load_stage_weights(model, folder, exp_layout.FINISH_WEIGHTS)
+        if writer:
+            # A run killed between writing finish.hdf5 and removing the checkpoint left both.
+            checkpoint_path.unlink(missing_ok=True)
+            remove_stale_temp_files(folder)
         return "skipped"
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(folder)  # left by a run killed while writing a checkpoint or weights
     log = StageLog(folder / exp_layout.LOG if writer else None, echo=writer)
-    checkpoint_path = folder / exp_layout.CHECKPOINT
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, config)
     checkpoint = load_checkpoint(checkpoint_path, map_location=device)
     if checkpoint is not None:
-        if checkpoint.get("stage_config") != stage_config:
+        if not isinstance(checkpoint, dict) or checkpoint.get("stage_config") != stage_config:
             raise StageConfigMismatch(
                 f"{checkpoint_path} belongs to a run with another configuration; rerun with the same options, "
                 f"use another --out-root, or delete {folder} to start this stage again")
@@ -231,15 +253,28 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoc
 
 def _check_finite(model: nn.Module, losses: Tensor, epoch: int, iters_per_epoch: int,
                   checkpoint_path: Path) -> None:
-    """Stop with a message naming the first non-finite loss (or the weights) of the epoch."""
+    """Stop with a message naming the first non-finite loss of the epoch, or the non-finite weights after
+    its last iteration (the losses are those before each step, so a last step that breaks the weights shows
+    only there)."""
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
         first = int((~finite).nonzero()[0])
         raise TrainingDiverged(
             f"non-finite loss at epoch {epoch}, iteration {first} (global iteration "
-            f"{epoch * iters_per_epoch + first}); the last good checkpoint {checkpoint_path} is kept: "
-            f"lower the learning rate or check the data, then rerun to resume from it")
+            f"{epoch * iters_per_epoch + first}); {_recovery(checkpoint_path)}")
     norms = torch._foreach_norm([p.detach() for p in model.parameters()])
     if not math.isfinite(float(torch.stack(norms).sum())):
-        raise TrainingDiverged(f"non-finite weights after epoch {epoch}; the last good checkpoint "
-                               f"{checkpoint_path} is kept")
+        last = iters_per_epoch - 1
+        broken = [name for name, p in unwrap_model(model).named_parameters() if not bool(torch.isfinite(p).all())]
+        raise TrainingDiverged(
+            f"non-finite weights after epoch {epoch}, iteration {last} (global iteration "
+            f"{epoch * iters_per_epoch + last}; every loss of the epoch was finite) in "
+            f"{', '.join(broken) or 'no single tensor (their norm overflows float32)'}; {_recovery(checkpoint_path)}")
+
+
+def _recovery(checkpoint_path: Path) -> str:
+    if checkpoint_path.exists():
+        return (f"the last good checkpoint {checkpoint_path} is kept: lower the learning rate or check the data, "
+                f"then rerun to resume from it")
+    return ("no epoch of this stage had finished, so there is no checkpoint: lower the learning rate or check the "
+            "data, then rerun to start the stage again")

@@ -56,7 +56,7 @@ def save_hdf5(model: Union[nn.Module, Mapping[str, Tensor]], path: Union[str, os
 
 def read_hdf5(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     """Every dataset of a weights file by state-dict key. Raises WeightsFileError with a one-line reason
-    for a missing file, a file that is not hdf5, or one with no arrays."""
+    for a missing file, a file that is not hdf5, or one with no arrays or with non-numeric data."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightsFileError(f"{path}: no such file")
@@ -70,7 +70,11 @@ def read_hdf5(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
             for name, item in f.items():
                 if not isinstance(item, h5py.Dataset):
                     raise WeightsFileError(f"{path}: '{name}' is a group; a weights file holds only arrays")
-                arrays[_key_name(name)] = item[()]
+                value = np.asarray(item[()])
+                if value.dtype.kind not in "biuf":  # e.g. strings or records: not a tensor
+                    raise WeightsFileError(f"{path}: '{name}' holds {value.dtype} data; a weights file holds "
+                                           f"only numeric arrays")
+                arrays[_key_name(name)] = value
     except OSError as exc:
         raise WeightsFileError(f"{path}: not a readable hdf5 file ({exc.__class__.__name__})") from exc
     if not arrays:
@@ -79,8 +83,8 @@ def read_hdf5(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
 
 
 def load_hdf5(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load a weights file into `model` in place (all keys must match). Raises WeightsFileError naming every
-    missing, unexpected and mis-shaped key."""
+    """Load a weights file into `model` in place (all keys must match). Raises WeightsFileError naming the
+    missing, unexpected and mis-shaped keys (up to ten of each kind, and how many more)."""
     arrays = read_hdf5(path)
     target = state_dict_of(model)
     missing = [k for k in target if k not in arrays]
@@ -89,11 +93,11 @@ def load_hdf5(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
                  for k in target if k in arrays and tuple(arrays[k].shape) != tuple(target[k].shape)]
     problems = []
     if missing:
-        problems.append("missing keys: " + ", ".join(missing))
+        problems.append("missing keys: " + _first_names(missing))
     if unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
+        problems.append("unexpected keys: " + _first_names(unexpected))
     if misshaped:
-        problems.append("mis-shaped keys: " + ", ".join(misshaped))
+        problems.append("mis-shaped keys: " + _first_names(misshaped))
     if problems:
         raise WeightsFileError(f"{os.fspath(path)} does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
@@ -102,3 +106,9 @@ def load_hdf5(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
             array = np.ascontiguousarray(arrays[key]).reshape(arrays[key].shape)
             tensor.copy_(torch.from_numpy(array).to(tensor.dtype))
     return model
+
+
+def _first_names(names, limit: int = 10) -> str:
+    """Up to `limit` names, then how many more: another model's file would otherwise list hundreds."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
