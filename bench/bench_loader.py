@@ -17,20 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import dataset  # the project is installed editable (requirements.txt), so no sys.path editing
-
-
-def build_lenet300() -> Tuple[nn.Module, str]:
-    """The project's lenet300 when base_model provides it, else the same 784-300-100-10 ReLU MLP inline;
-    returns the model and where it came from."""
-    try:
-        from base_model import build_model
-
-        return build_model("lenet300"), "base_model.build_model('lenet300')"
-    except (ImportError, AttributeError, ValueError):
-        mlp = nn.Sequential(
-            nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
-        )
-        return mlp, "inline 784-300-100-10 MLP"
+from base_model import build_model
 
 
 def synchronize(device: torch.device) -> None:
@@ -70,7 +57,7 @@ def main(argv: List[str] | None = None) -> int:
         return 1
 
     torch.manual_seed(args.seed)
-    model, model_source = build_lenet300()
+    model = build_model("lenet300")
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
@@ -112,7 +99,7 @@ def main(argv: List[str] | None = None) -> int:
     # Each repeat's two epochs ran back to back under the same machine load, so the median of the paired
     # ratios is robust to load that changes between repeats; the ratio of the fastest epochs is a second view.
     paired = [a / b for a, b in zip(loader_times, presliced_times)]
-    print(f"model {model_source}, SGD lr 0.03 momentum 0.9; device {device}, {len(loader)} batches of "
+    print(f"model lenet300, SGD lr 0.03 momentum 0.9; device {device}, {len(loader)} batches of "
           f"{args.batch_size}, torch threads {torch.get_num_threads()}")
     print(f"median epoch: loader {statistics.median(loader_times):.3f} s, "
           f"pre-sliced {statistics.median(presliced_times):.3f} s; "

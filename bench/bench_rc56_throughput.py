@@ -41,7 +41,6 @@ def make_run(config, device, channels_last: bool, compile_model: bool):
 
 
 def timed_epoch(model, optimizer, loader, epoch, config, amp, device) -> float:
-    iters = len(loader)
     lr_at = lambda it: learning_rate(it, config.lr, 0, ())  # noqa: E731 - constant lr after warmup
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -103,7 +103,7 @@ def test_parse_log_keeps_only_complete_evaluation_lines(tmp_path: Path) -> None:
         # an evaluation inside a message, and one with a broken number, are not evaluations
         f"{STAMP}note: validate at epoch 5, top1=1.00000, top5=1.00000, loss=1.000000 was slow\n".encode(),
         f"{STAMP}validate at epoch 6, top1=9x.00000, top5=99.00000, loss=0.100000\n".encode(),
-        f"validate at epoch 7, top1=50.00000, top5=60.00000, loss=0.700000\n".encode(),
+        "validate at epoch 7, top1=50.00000, top5=60.00000, loss=0.700000\n".encode(),
         eval_line(2, 97.81, 99.95, 0.071234).encode(),
         b"\x00\x00\x00\xde\xad\xbe\xef\n",
         # the crash cut the last record short: its loss looks like a number but may be truncated
