@@ -120,3 +120,23 @@ def describe_os_error(exc: OSError) -> str:
     else:
         fix = ("fix that path" if exc.filename else "fix the cause") + ", then run the same command again to resume"
     return f"{reason}{where}; {fix} (files already written are intact)"
+
+
+def lottery_main(net: str, title: str, paper_ratios: str, argv: Optional[List[str]] = None) -> int:
+    """The lottery-ticket scripts' command line: parse, check, and run the pipeline for network `net`."""
+    from gsm.experiment_config import DEFAULT_RECIPE, RECIPES
+    from gsm.lottery import LotteryConfig, run_lottery
+
+    parser = argparse.ArgumentParser(
+        description=f"Train {title} on MNIST (the base, shared by every ratio), find a ticket by GSM and one by "
+                    f"global magnitude at compression ratio R, and retrain both tickets. Writes "
+                    f"gsm_lottery_ticket_exps/lottery_{net}_*; rerunning resumes or skips finished stages.")
+    parser.add_argument("ratio", type=compression_ratio, help=f"compression ratio R > 1 (the paper: {paper_ratios})")
+    parser.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE,
+                        help="GSM schedule: 'paper' (240 epochs, lr 3e-2, near-lossless hard prune) or "
+                             "'released' (280 epochs, lr 1e-2, the released code's final version)")
+    add_run_options(parser)
+    args = parser.parse_args(argv)
+    check_ratio_keeps_weights(parser, args.ratio, net)
+    run_lottery(LotteryConfig(net, args.ratio, args.recipe, run_options(args, parser)))
+    return 0

@@ -146,8 +146,10 @@ class GSM(Optimizer):
     def _update(self, group: Dict[str, Any], params: List[Tensor], directions: List[Tensor]) -> None:
         """The momentum-SGD update of `params` along `directions` (the masked loss gradients)."""
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        owned = False  # whether `directions` are tensors of this step's own, which may be updated in place
         if weight_decay != 0.0:
             directions = torch._foreach_add(directions, params, alpha=weight_decay)
+            owned = True
         if momentum != 0.0:
             buffers = []
             old_buffers, old_directions = [], []
@@ -164,7 +166,9 @@ class GSM(Optimizer):
             if old_buffers:
                 torch._foreach_mul_(old_buffers, momentum)
                 torch._foreach_add_(old_buffers, old_directions)
-            if group["nesterov"]:
+            if group["nesterov"] and owned:
+                torch._foreach_add_(directions, buffers, alpha=momentum)
+            elif group["nesterov"]:
                 directions = torch._foreach_add(directions, buffers, alpha=momentum)
             else:
                 directions = buffers

@@ -32,7 +32,7 @@ def elements_at_least(values: Tensor, threshold) -> Tensor:
     """The elements of `values` that are >= threshold, in order, as a 1-D tensor."""
     array = _numpy_view(values)
     if array is not None:
-        return torch.from_numpy(array[array >= float(threshold)])
+        return torch.from_numpy(np.compress(array >= float(threshold), array))
     return values[values >= threshold]
 
 
@@ -108,21 +108,13 @@ class ThresholdFinder:
 def flat_metric(params: Sequence[Tensor], grads: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """|w * g| of every element of `params`, concatenated into one float32 vector (written into `out`)."""
     total = sum(p.numel() for p in params)
-    if out is None or out.numel() != total:
+    if out is None or out.numel() != total or out.device != params[0].device:
         out = torch.empty(total, dtype=torch.float32, device=params[0].device)
-    out_array = _numpy_view(out)
     offset = 0
     for p, g in zip(params, grads):
         n = p.numel()
-        p_array, g_array = _numpy_view(p), _numpy_view(g)
-        if out_array is not None and p_array is not None and g_array is not None:
-            np.multiply(p_array.reshape(-1), g_array.reshape(-1), out=out_array[offset:offset + n])
-        else:
-            torch.mul(p.detach().reshape(-1), g.reshape(-1), out=out[offset:offset + n])
+        torch.mul(p.detach().reshape(-1), g.reshape(-1), out=out[offset:offset + n])
         offset += n
-    if out_array is not None:
-        np.abs(out_array, out=out_array)
-        return out
     return out.abs_()
 
 

@@ -88,7 +88,7 @@ def mnist_loaders(mnist_tensors):
 
 @pytest.fixture
 def single_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine (used by the training tests)."""
+    """Tiny models run fastest single-threaded, also on a busy machine."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -16,13 +16,8 @@ RELEASED_MODELS = ("lenet300", "lenet5", "rc56")
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors: one intra-op thread is fastest, and immune to a busy machine's contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: one intra-op thread is fastest, and immune to a busy machine's contention.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def parse_keys_file() -> tuple[dict[str, list[tuple[str, tuple[int, ...], torch.dtype]]], dict[str, dict[str, int]]]:

@@ -14,13 +14,8 @@ from gsm import GSM
 from gsm.selection import active_masks, keep_count, kth_largest
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These models are tiny: one intra-op thread is fastest, and immune to a busy machine's contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are tiny: one intra-op thread is fastest, and immune to a busy machine's contention.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,13 +15,8 @@ from gsm.pruning import (apply_mask_to_grads, apply_mask_to_weights, global_magn
                          prunable_parameters, sparsity_report)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors: one intra-op thread is fastest, and immune to a busy machine's contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: one intra-op thread is fastest, and immune to a busy machine's contention.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,8 @@ from base_model import build_model
 from gsm.weights_io import WeightsFileError, load_hdf5, read_hdf5, save_hdf5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors: one intra-op thread is fastest, and immune to a busy machine's contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: one intra-op thread is fastest, and immune to a busy machine's contention.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def trained_looking(name: str, seed: int) -> nn.Module:
