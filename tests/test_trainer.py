@@ -196,6 +196,19 @@ def test_fake_mnist_is_learnable(mnist_loaders, tmp_path):
     assert after[2] < before[2]
 
 
+def test_bf16_autocast_trains_and_evaluates_like_float32(mnist_loaders, tmp_path):
+    """--amp: forward passes under bf16 autocast (on the CPU here); the weights and gradients stay float32
+    and the result is close to the float32 run."""
+    train, test = mnist_loaders
+    plain, amp = fresh_lenet300(), fresh_lenet300()
+    train_stage(plain, tmp_path / "fp32", SMALL, train, test, stage_config=STAGE, progress=False)
+    train_stage(amp, tmp_path / "bf16", SMALL, train, test, stage_config=STAGE, progress=False, amp=True)
+    assert all(p.dtype == torch.float32 for p in amp.parameters())
+    assert not torch.equal(weights(amp)["linear1.weight"], weights(plain)["linear1.weight"])  # bf16 rounding
+    top1_amp = evaluate(amp, test, amp=True)[0]
+    assert top1_amp > 90.0 and abs(top1_amp - evaluate(plain, test)[0]) < 5.0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # train_stage: files, skip, config check
 
