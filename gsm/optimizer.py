@@ -131,6 +131,7 @@ class GSM(Optimizer):
         for group in self.param_groups:
             params: List[Tensor] = []
             directions: List[Tensor] = []
+            owned: List[bool] = []  # whether a direction is this step's own tensor (not p.grad)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -139,17 +140,28 @@ class GSM(Optimizer):
                 params.append(p)
                 mask = masks.get(p)
                 directions.append(p.grad if mask is None else masked(p.grad, mask))
+                owned.append(mask is not None)
             if params:
-                self._update(group, params, directions)
+                self._update(group, params, directions, owned)
         return loss
 
-    def _update(self, group: Dict[str, Any], params: List[Tensor], directions: List[Tensor]) -> None:
-        """The momentum-SGD update of `params` along `directions` (the masked loss gradients)."""
+    def _update(self, group: Dict[str, Any], params: List[Tensor], directions: List[Tensor],
+                owned: List[bool]) -> None:
+        """The momentum-SGD update of `params` along `directions` (the masked loss gradients); `owned`
+        directions may be updated in place, the others are the parameters' gradients and are left alone."""
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-        owned = False  # whether `directions` are tensors of this step's own, which may be updated in place
         if weight_decay != 0.0:
-            directions = torch._foreach_add(directions, params, alpha=weight_decay)
-            owned = True
+            # d = mask * g + wd * w, in place where d is already a new tensor (the masked gradient).
+            mine = [i for i, own in enumerate(owned) if own]
+            if mine:
+                torch._foreach_add_([directions[i] for i in mine], [params[i] for i in mine], alpha=weight_decay)
+            theirs = [i for i, own in enumerate(owned) if not own]
+            if theirs:
+                added = torch._foreach_add([directions[i] for i in theirs], [params[i] for i in theirs],
+                                           alpha=weight_decay)
+                for i, d in zip(theirs, added):
+                    directions[i] = d
+            owned = [True] * len(params)
         if momentum != 0.0:
             buffers = []
             old_buffers, old_directions = [], []
@@ -166,7 +178,7 @@ class GSM(Optimizer):
             if old_buffers:
                 torch._foreach_mul_(old_buffers, momentum)
                 torch._foreach_add_(old_buffers, old_directions)
-            if group["nesterov"] and owned:
+            if group["nesterov"] and all(owned):
                 torch._foreach_add_(directions, buffers, alpha=momentum)
             elif group["nesterov"]:
                 directions = torch._foreach_add(directions, buffers, alpha=momentum)

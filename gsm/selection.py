@@ -67,7 +67,8 @@ def _kth_largest_full(values: Tensor, k: int) -> Tensor:
     array = _numpy_view(values)
     if array is not None and n <= 65536:
         # A small candidate set: numpy's single-threaded introselect beats waking torch's thread pool.
-        return torch.tensor(np.partition(array, n - k)[n - k])
+        partitioned = np.partition(array, n - k)
+        return torch.from_numpy(partitioned[n - k:n - k + 1]).reshape(())  # a 0-d view, no copy
     # topk is the faster selection for a small k; kthvalue (quickselect) for a large one.
     if values.device.type != "cpu" or 32 * k <= n:
         return values.topk(k, sorted=False).values.min()
