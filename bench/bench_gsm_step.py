@@ -111,9 +111,13 @@ def bench_model(name: str, device: torch.device, steps: int, repeats: int, warmu
     per_repeat: Dict[str, List[float]] = {m: [] for m in METHODS}
     for r in range(repeats):
         order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]  # rotate, so no method always runs first
-        for method in order:
-            times = [run(method, timed=True) for _ in range(steps)]
-            per_repeat[method].append(statistics.median(times) * 1e3)
+        # Iteration by iteration in turn, so that drift in the machine's speed hits every method alike.
+        times: Dict[str, List[float]] = {m: [] for m in METHODS}
+        for _ in range(steps):
+            for method in order:
+                times[method].append(run(method, timed=True))
+        for method in METHODS:
+            per_repeat[method].append(statistics.median(times[method]) * 1e3)
     gsm_opt = optimizers["GSM"]
     with torch.no_grad():
         drift = max(float((a - b).abs().max())
