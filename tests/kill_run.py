@@ -20,6 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
+from loader_hooks import BatchHookLoader  # tests/ is first on sys.path when this file runs as a script
+
 
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
@@ -42,27 +44,11 @@ def arm(point: dict) -> None:
             current["folder"] = Path(path).parent.name
             return load_checkpoint(path, *args, **kwargs)
 
-        class KillingLoader:
-            def __init__(self, loader):
-                self.loader = loader
-
-            def __len__(self):
-                return len(self.loader)
-
-            def set_epoch(self, epoch):
-                self.loader.set_epoch(epoch)
-
-            def __iter__(self):
-                for i, batch in enumerate(self.loader):
-                    if i == point["iteration"]:
-                        die()
-                    yield batch
-
         def killing_train_epoch(model, optimizer, loader, epoch, *args, **kwargs):
             if current["folder"] is None:  # the trainer no longer loads a checkpoint first: fail loudly
                 raise RuntimeError("kill_run.py: cannot tell which stage is training")
             if current["folder"] == folder and epoch == point["epoch"]:
-                loader = KillingLoader(loader)
+                loader = BatchHookLoader(loader, point["iteration"], lambda *batch: die())
             return train_epoch(model, optimizer, loader, epoch, *args, **kwargs)
 
         trainer.load_checkpoint, trainer.train_epoch = recording_load_checkpoint, killing_train_epoch

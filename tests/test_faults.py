@@ -31,6 +31,7 @@ from gsm.checkpoint import remove_stale_temp_files
 from gsm.experiment_config import TrainConfig
 from gsm.trainer import TrainingDiverged, train_stage
 from gsm.weights_io import unwrap_model
+from loader_hooks import BatchHookLoader, nan_images
 from script_runs import call_script, fingerprint, run_script
 
 # 2048 training images at the LeNet batch of 256: 8 iterations per epoch. At --scale 0.01 every stage runs
@@ -371,26 +372,12 @@ def poison(kind: str, at_epoch: int):
     real_train_epoch = trainer.train_epoch
     done = []
 
-    class NaNAtIteration3:
-        def __init__(self, loader):
-            self.loader = loader
-
-        def __len__(self):
-            return len(self.loader)
-
-        def set_epoch(self, epoch):
-            self.loader.set_epoch(epoch)
-
-        def __iter__(self):
-            for i, (images, labels) in enumerate(self.loader):
-                yield (torch.full_like(images, float("nan")) if i == 3 else images), labels
-
     def train_epoch(model, optimizer, loader, epoch, *args, **kwargs):
         hit = epoch == at_epoch and not done
         if hit:
             done.append(epoch)
         if hit and kind == "loss":
-            loader = NaNAtIteration3(loader)
+            loader = BatchHookLoader(loader, 3, nan_images)
         losses = real_train_epoch(model, optimizer, loader, epoch, *args, **kwargs)
         if hit and kind == "weights":
             with torch.no_grad():

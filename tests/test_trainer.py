@@ -14,6 +14,7 @@ from base_model import build_model
 from gsm import exp_layout
 from gsm.experiment_config import LENET_BASE, LENET_GSM, TrainConfig, gsm_config
 from gsm.trainer import StageConfigMismatch, TrainingDiverged, evaluate, param_groups, train_stage
+from loader_hooks import BatchHookLoader, keyboard_interrupt, nan_images
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -51,30 +52,6 @@ def evaluations(log_path: Path):
 def epochs_done(log_path: Path):
     """['epoch e done: mean loss X, lr Y'] of a log (timing dropped)."""
     return [m.group(1) for m in map(DONE_RE.search, log_path.read_text().splitlines()) if m]
-
-
-class InterruptingLoader:
-    """A train loader that raises `exc` when batch `iteration` of `epoch` is requested, or (with
-    `nan=True`) yields that batch with NaN images instead."""
-
-    def __init__(self, loader, epoch: int, iteration: int, exc=KeyboardInterrupt, nan: bool = False):
-        self.loader, self.at_epoch, self.at_iteration, self.exc, self.nan = loader, epoch, iteration, exc, nan
-        self.epoch = 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self):
-        for i, (images, labels) in enumerate(self.loader):
-            if (self.epoch, i) == (self.at_epoch, self.at_iteration):
-                if not self.nan:
-                    raise self.exc
-                images = torch.full_like(images, float("nan"))
-            yield images, labels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,7 +265,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(mnist_loaders, tmp_pat
 
     # B: interrupted in the middle of epoch 2 (after its evaluation was logged), then resumed.
     b_folder = tmp_path / "B"
-    interrupting = InterruptingLoader(train, epoch=2, iteration=5)
+    interrupting = BatchHookLoader(train, 5, keyboard_interrupt, epoch=2)
     with pytest.raises(KeyboardInterrupt):
         train_stage(fresh_lenet300(), b_folder, config, interrupting, test, stage_config=stage, progress=False)
     checkpoint = torch.load(b_folder / exp_layout.CHECKPOINT, weights_only=False)
@@ -320,8 +297,8 @@ def test_interrupt_before_the_first_checkpoint_starts_over_without_doubled_lines
     train, test = mnist_loaders
     folder = tmp_path / "stage"
     with pytest.raises(KeyboardInterrupt):
-        train_stage(fresh_lenet300(), folder, SMALL, InterruptingLoader(train, epoch=0, iteration=4), test,
-                    stage_config=STAGE, progress=False)
+        interrupting = BatchHookLoader(train, 4, keyboard_interrupt, epoch=0)
+        train_stage(fresh_lenet300(), folder, SMALL, interrupting, test, stage_config=STAGE, progress=False)
     assert not (folder / exp_layout.CHECKPOINT).exists()
     model = fresh_lenet300()
     assert train_stage(model, folder, SMALL, train, test, stage_config=STAGE, progress=False) == "trained"
@@ -367,7 +344,7 @@ def test_interrupt_after_the_last_checkpoint_finishes_without_training(mnist_loa
 def test_nan_loss_names_epoch_and_iteration_and_keeps_last_checkpoint(mnist_loaders, tmp_path):
     train, test = mnist_loaders
     folder = tmp_path / "stage"
-    poisoned = InterruptingLoader(train, epoch=1, iteration=3, nan=True)
+    poisoned = BatchHookLoader(train, 3, nan_images, epoch=1)
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at epoch 1, iteration 3 \(global iteration 11\)"):
         train_stage(fresh_lenet300(), folder, SMALL, poisoned, test, stage_config=STAGE, progress=False)
     assert not (folder / exp_layout.FINISH_WEIGHTS).exists()
