@@ -105,7 +105,7 @@ class GSM(Optimizer):
                   if p.grad is not None and self.is_prunable(g, p)]
         self._last_num_ranked = sum(p.numel() for p in ranked)
         self.last_threshold, self._last_mask = None, None
-        q = keep_count(self.num_prunable, self.nonzero_ratio)
+        q = self.keep_count
         if not ranked or q >= self._last_num_ranked:
             return {}
         if any(p.grad.is_sparse for p in ranked):

@@ -6,8 +6,7 @@ from torch import Tensor, nn
 
 from gsm import exp_layout
 from gsm.experiment_config import TrainConfig
-from gsm.pruning import (apply_mask_to_weights, global_magnitude_mask, mask_count, prunable_parameters,
-                         sparsity_report)
+from gsm.pruning import apply_mask_to_weights, global_magnitude_mask, mask_count, prunable_parameters
 from gsm.selection import keep_count
 from gsm.train_log import StageLog
 from gsm.trainer import evaluate, train_stage
@@ -28,9 +27,10 @@ def gsm_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader,
                 progress=progress, amp=amp)
     plain = unwrap_model(model)
     mask = global_magnitude_mask(plain, config.nonzero_ratio)
-    report = sparsity_report(plain)
-    q = keep_count(report.elements, config.nonzero_ratio)
-    alive = sum(int((p.detach().abs() > ALIVE_MAGNITUDE).sum()) for p in prunable_parameters(plain).values())
+    prunable = prunable_parameters(plain).values()
+    num_prunable = sum(p.numel() for p in prunable)
+    q = keep_count(num_prunable, config.nonzero_ratio)
+    alive = sum(int((p.detach().abs() > ALIVE_MAGNITUDE).sum()) for p in prunable)
     apply_mask_to_weights(plain, mask)
     log_path, pruned_path = Path(folder) / exp_layout.LOG, Path(folder) / exp_layout.PRUNED_WEIGHTS
     logged = writer and _logged(log_path, HARD_PRUNE_MARKER)
@@ -38,10 +38,11 @@ def gsm_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader,
         save_hdf5(plain, pruned_path)
     if writer and not logged:
         top1, top5, loss = evaluate(model, test_loader, amp)
+        kept = mask_count(mask)
         # One line, so that an interruption can never leave half of it logged.
         StageLog(log_path).info(
-            f"{HARD_PRUNE_MARKER} kept {mask_count(mask)} of {report.elements} prunable weights "
-            f"(Q = {q}, compression {report.elements / mask_count(mask):.2f}x); before pruning {alive} weights "
+            f"{HARD_PRUNE_MARKER} kept {kept} of {num_prunable} prunable weights "
+            f"(Q = {q}, compression {num_prunable / kept:.2f}x); before pruning {alive} weights "
             f"had |w| > {ALIVE_MAGNITUDE} ({alive / max(q, 1):.3f} x Q); "
             f"top1={top1:.5f}, top5={top5:.5f}, loss={loss:.6f}")
     return mask
