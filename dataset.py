@@ -535,6 +535,8 @@ class DeviceLoader:
                 0, 2 * AUGMENT_PAD + 1, (2, num_used), generator=generator, device=self.device
             )
             flips = torch.randint(0, 2, (num_used,), generator=generator, device=self.device).bool()
+        # One gather for the whole epoch's labels: a batch's labels are then a view, not a gather.
+        epoch_labels = self._labels.index_select(0, order[:num_used])
         local = self.batch_size // self.world_size
         for start in range(0, num_used, self.batch_size):
             lo = start + self.rank * local
@@ -543,7 +545,7 @@ class DeviceLoader:
                 x = self._crop_flip(index, offsets[0, lo:lo + local], offsets[1, lo:lo + local], flips[lo:lo + local])
             else:
                 x = self._image_words.index_select(0, index).view(torch.uint8).view(-1, *self.image_shape)
-            yield self._normalize(x), self._labels.index_select(0, index)
+            yield self._normalize(x), epoch_labels[lo:lo + local]
 
     def _eval_batches(self) -> Iterator[Tuple[Tensor, Tensor]]:
         for start in range(0, self.num_examples, self.batch_size):
