@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gsm.selection import ThresholdFinder, at_least, flat_metric, keep_count, masked, split_flat
+from gsm.selection import ThresholdFinder, at_least, flat_metric, keep_count, masked_gradients
 
 
 class GSM(Optimizer):
@@ -100,7 +100,8 @@ class GSM(Optimizer):
         return int(self._last_mask.sum())
 
     def _select(self) -> Dict[Tensor, Tensor]:
-        """Rank the prunable elements that have gradients; return {param: bool mask} for those masked."""
+        """Rank the prunable elements that have gradients; return {param: masked loss gradient} for those
+        masked (new tensors, which the update may change in place)."""
         ranked = [p for g in self.param_groups for p in g["params"]
                   if p.grad is not None and self.is_prunable(g, p)]
         self._last_num_ranked = sum(p.numel() for p in ranked)
@@ -110,7 +111,8 @@ class GSM(Optimizer):
             return {}
         if any(p.grad.is_sparse for p in ranked):
             raise RuntimeError("GSM does not support sparse gradients")
-        metric = flat_metric(ranked, [p.grad for p in ranked], out=self._metric_buffer)
+        grads = [p.grad for p in ranked]
+        metric = flat_metric(ranked, grads, out=self._metric_buffer)
         self._metric_buffer = metric
         if q == 0:
             mask = torch.zeros_like(metric, dtype=torch.bool)
@@ -118,7 +120,7 @@ class GSM(Optimizer):
             self.last_threshold = self._threshold_finder(metric, q)
             mask = at_least(metric, self.last_threshold)
         self._last_mask = mask
-        return dict(zip(ranked, split_flat(mask, ranked)))
+        return dict(zip(ranked, masked_gradients(ranked, grads, mask)))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -127,7 +129,7 @@ class GSM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        masks = self._select()
+        masked = self._select()
         for group in self.param_groups:
             params: List[Tensor] = []
             directions: List[Tensor] = []
@@ -138,9 +140,9 @@ class GSM(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("GSM does not support sparse gradients")
                 params.append(p)
-                mask = masks.get(p)
-                directions.append(p.grad if mask is None else masked(p.grad, mask))
-                owned.append(mask is not None)
+                direction = masked.get(p)
+                directions.append(p.grad if direction is None else direction)
+                owned.append(direction is not None)
             if params:
                 self._update(group, params, directions, owned)
         return loss

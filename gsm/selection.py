@@ -12,10 +12,17 @@ def keep_count(num_prunable: int, nonzero_ratio: float) -> int:
     return int(nonzero_ratio * num_prunable)
 
 
+def on_host(t: Tensor) -> bool:
+    """Whether `t` is in host memory. The selection has two paths: on the host, numpy and a threshold search
+    bounded by the previous threshold (fast on a CPU); elsewhere, a few multi-tensor kernels and no host
+    synchronisation (fast on a GPU, where a small kernel costs mostly its launch)."""
+    return t.device.type == "cpu"
+
+
 def _numpy_view(values: Tensor) -> Optional[np.ndarray]:
-    """A zero-copy numpy view of a contiguous float32 CPU tensor, else None. numpy's vectorised comparisons
+    """A zero-copy numpy view of a contiguous float32 host tensor, else None. numpy's vectorised comparisons
     and boolean selection run several times faster than torch's on arrays of this size (10^5 to 10^6)."""
-    if values.device.type == "cpu" and values.dtype == torch.float32 and values.is_contiguous():
+    if on_host(values) and values.dtype == torch.float32 and values.is_contiguous():
         return values.detach().numpy()
     return None
 
@@ -70,7 +77,7 @@ def _kth_largest_full(values: Tensor, k: int) -> Tensor:
         partitioned = np.partition(array, n - k)
         return torch.from_numpy(partitioned[n - k:n - k + 1]).reshape(())  # a 0-d view, no copy
     # topk is the faster selection for a small k; kthvalue (quickselect) for a large one.
-    if values.device.type != "cpu" or 32 * k <= n:
+    if not on_host(values) or 32 * k <= n:
         return values.topk(k, sorted=False).values.min()
     return values.kthvalue(n - k + 1).values
 
@@ -92,7 +99,7 @@ class ThresholdFinder:
         self._ratios: Deque[float] = deque(maxlen=history)
 
     def __call__(self, values: Tensor, k: int) -> Tensor:
-        if values.device.type != "cpu":
+        if not on_host(values):
             return _kth_largest_full(values, k)
         hint = None
         if self._previous:  # None or 0 (a zero threshold bounds nothing)
@@ -106,26 +113,76 @@ class ThresholdFinder:
         return threshold
 
 
+def _is_dense(t: Tensor) -> bool:
+    """Whether the elements of `t` fill one block of memory without gaps or overlaps, in some order of its
+    dimensions (contiguous, channels_last, ...)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _in_memory_order(p: Tensor, g: Tensor) -> bool:
+    """Whether the flat metric holds the elements of `p` in memory order rather than in logical (row-major)
+    order: when `p` and its gradient `g` are dense with the same strides (e.g. both channels_last), so that
+    flattening them and unflattening the mask are views, with no copies. For contiguous tensors the two
+    orders are the same."""
+    return p.stride() == g.stride() and _is_dense(p)
+
+
+def _flatten(t: Tensor, memory_order: bool) -> Tensor:
+    return t.as_strided((t.numel(),), (1,)) if memory_order else t.reshape(-1)
+
+
 def flat_metric(params: Sequence[Tensor], grads: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
-    """|w * g| of every element of `params`, concatenated into one float32 vector (written into `out`)."""
+    """|w * g| of every element of `params`, concatenated into one float32 vector (written into `out`).
+
+    Each parameter's elements come in memory order or logical order (see `_in_memory_order`); `split_flat`
+    with the same params and grads undoes the layout. On an accelerator the products are one multi-tensor
+    multiply and one concatenation, not a kernel per parameter."""
     total = sum(p.numel() for p in params)
     if out is None or out.numel() != total or out.device != params[0].device:
         out = torch.empty(total, dtype=torch.float32, device=params[0].device)
-    offset = 0
+    flat_params, flat_grads = [], []
     for p, g in zip(params, grads):
-        n = p.numel()
-        torch.mul(p.detach().reshape(-1), g.reshape(-1), out=out[offset:offset + n])
-        offset += n
+        memory_order = _in_memory_order(p, g)
+        flat_params.append(_flatten(p.detach(), memory_order))
+        flat_grads.append(_flatten(g, memory_order))
+    if on_host(out):
+        offset = 0
+        for p, g in zip(flat_params, flat_grads):
+            torch.mul(p, g, out=out[offset:offset + p.numel()])
+            offset += p.numel()
+    else:
+        torch.cat(torch._foreach_mul(flat_params, flat_grads), out=out)
     return out.abs_()
 
 
-def split_flat(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
-    """Views of `flat` shaped like each tensor of `like`, in order."""
+def split_flat(flat: Tensor, like: Sequence[Tensor], grads: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+    """Views of `flat` shaped like each tensor of `like`, in order: the inverse of `flat_metric(like, grads)`'s
+    layout (logical order for every tensor when `grads` is None)."""
     views, offset = [], 0
-    for t in like:
-        views.append(flat[offset:offset + t.numel()].view(t.shape))
+    for i, t in enumerate(like):
+        part = flat[offset:offset + t.numel()]
+        if grads is not None and _in_memory_order(t, grads[i]):
+            views.append(part.as_strided(t.shape, t.stride()))
+        else:
+            views.append(part.view(t.shape))
         offset += t.numel()
     return views
+
+
+def masked_gradients(params: Sequence[Tensor], grads: Sequence[Tensor], flat_mask: Tensor) -> List[Tensor]:
+    """mask * g for every gradient, as new tensors, with `flat_mask` laid out as `flat_metric(params, grads)`.
+    On an accelerator: one conversion of the mask to the gradients' dtype and one multi-tensor multiply."""
+    if on_host(flat_mask):
+        return [masked(g, m) for g, m in zip(grads, split_flat(flat_mask, params, grads))]
+    dtype = grads[0].dtype
+    if all(g.dtype == dtype for g in grads):
+        return list(torch._foreach_mul(list(grads), split_flat(flat_mask.to(dtype), params, grads)))
+    return [g * m for g, m in zip(grads, split_flat(flat_mask, params, grads))]
 
 
 @torch.no_grad()
@@ -139,5 +196,5 @@ def active_masks(params: Sequence[Tensor], grads: Sequence[Tensor], nonzero_rati
     if q == 0:
         return [torch.zeros_like(p, dtype=torch.bool) for p in params]
     threshold, _ = kth_largest(metric, q)
-    return split_flat(at_least(metric, threshold), params)
+    return split_flat(at_least(metric, threshold), params, grads)
 

@@ -220,12 +220,14 @@ BRUTE_CASES = [
 LOSS_SCALE = {12: 100.0, 24: 0.01}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("nonzero_ratio", [0.5, 0.1, 0.02])
-@pytest.mark.parametrize("momentum,weight_decay,nesterov,layout", BRUTE_CASES)
-def test_matches_brute_force(seed, nonzero_ratio, momentum, weight_decay, nesterov, layout, search_log):
+def run_against_brute_force(model: nn.Module, layout: str, nonzero_ratio: float, momentum: float,
+                            weight_decay: float, nesterov: bool, seed: int, steps: int = 36,
+                            device: str = "cpu") -> tuple[GSM, int]:
+    """Train `model` with GSM and a copy with BruteForceGSM on the same batches, asserting after every step
+    that masks, thresholds, active counts and weights are identical (and that `active_masks` agrees).
+    Returns the optimizer and the number of steps that started with a positive previous threshold."""
     lr = 0.02
-    model = random_model(seed)
+    model = model.to(device)
     reference = copy.deepcopy(model)
     hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     opt = GSM(grouped(model, layout, lr), nonzero_ratio=nonzero_ratio, **hyper)
@@ -233,11 +235,10 @@ def test_matches_brute_force(seed, nonzero_ratio, momentum, weight_decay, nester
     prunable = [p for g in opt.param_groups for p in g["params"] if GSM.is_prunable(g, p)]
     assert opt.keep_count == int(nonzero_ratio * sum(p.numel() for p in prunable))
     data = torch.Generator().manual_seed(100 + seed)
-    steps = 36
     positive_thresholds = 0  # steps after which the optimizer has a hint (a zero threshold bounds nothing)
     for step in range(steps):
         positive_thresholds += step > 0 and bool(opt.last_threshold > 0)
-        x, y = random_batch(data)
+        x, y = (t.to(device) for t in random_batch(data))
         scale = LOSS_SCALE.get(step, 1.0)
         loss_backward(model, x, y, scale)
         loss_backward(reference, x, y, scale)
@@ -256,14 +257,92 @@ def test_matches_brute_force(seed, nonzero_ratio, momentum, weight_decay, nester
         assert torch.isfinite(p).all()
         if momentum:
             assert torch.equal(opt.state[p]["momentum_buffer"], brute.buffers[q])
+    return opt, positive_thresholds
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("nonzero_ratio", [0.5, 0.1, 0.02])
+@pytest.mark.parametrize("momentum,weight_decay,nesterov,layout", BRUTE_CASES)
+def test_matches_brute_force(seed, nonzero_ratio, momentum, weight_decay, nesterov, layout, search_log):
+    steps = 36
+    _, positive_thresholds = run_against_brute_force(
+        random_model(seed), layout, nonzero_ratio, momentum, weight_decay, nesterov, seed, steps)
     # Both paths of the threshold search ran: the hint narrowed the search, and a hint above the new
     # threshold fell back to the full search (at the steps after the loss scale jumps).
-    # (active_masks above searches without a hint; the optimizer's first step has no hint yet, nor has a
+    # (active_masks searches without a hint; the optimizer's first step has no hint yet, nor has a
     # step after a zero threshold.)
     hinted = [c for c in search_log if c[0]]
     assert len(search_log) == 2 * steps and len(hinted) == positive_thresholds > 0
     assert any(searched < numel for _, searched, numel, _ in hinted)
     assert any(searched == numel for _, searched, numel, _ in hinted)
+
+
+@pytest.fixture(params=["host", "accelerator", "cuda"])
+def selection_device(request, monkeypatch) -> str:
+    """Run a test on each selection path and return its device: the host path on the CPU; the accelerator
+    path (multi-tensor kernels, topk, no numpy, no threshold hint) forced on the CPU by making every tensor
+    look as if it were off the host; and on a CUDA device where one exists (cuDNN made deterministic, so
+    that two copies of a model get the same gradients)."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+        return "cuda"
+    if request.param == "accelerator":
+        monkeypatch.setattr(selection, "on_host", lambda t: False)
+    return "cpu"
+
+
+def channels_last_model(seed: int) -> nn.Sequential:
+    """`random_model` with its conv weight stored channels_last, as the fast GPU path stores the ResNets."""
+    model = random_model(seed).to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    return model
+
+
+@pytest.mark.parametrize("make_model", [random_model, channels_last_model], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("momentum,weight_decay,nesterov,layout", BRUTE_CASES[:2])
+def test_both_selection_paths_match_brute_force(make_model, momentum, weight_decay, nesterov, layout,
+                                                selection_device, search_log):
+    opt, _ = run_against_brute_force(make_model(3), layout, 0.1, momentum, weight_decay, nesterov, seed=3,
+                                     steps=30, device=selection_device)
+    if not selection.on_host(opt._metric_buffer):
+        # The optimizer searched the whole metric with topk every step, never with a hint.
+        assert not any(hinted for hinted, *_ in search_log)
+    assert opt._metric_buffer.numel() == opt.num_prunable
+
+
+def test_flat_metric_layouts_round_trip(selection_device):
+    """The flat metric holds each tensor's |w * g| in memory order when w and g share a dense layout (no
+    copies), else in logical order; split_flat with the same tensors maps it back element for element."""
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(selection_device)
+
+    pairs = [
+        (rand(4, 3, 2, 2), rand(4, 3, 2, 2)),  # contiguous
+        (rand(4, 3, 2, 2).to(memory_format=torch.channels_last),
+         rand(4, 3, 2, 2).to(memory_format=torch.channels_last)),  # dense, memory order differs from logical
+        (rand(5, 3).t(), rand(5, 3).t()),  # transposed: dense
+        (rand(6, 8)[:, ::2], rand(6, 4)),  # a strided slice: not dense
+        (rand(5, 7), rand(7, 5).t()),  # dense, but not the same strides
+    ]
+    params, grads = [p for p, _ in pairs], [g for _, g in pairs]
+    assert [selection._in_memory_order(p, g) for p, g in pairs] == [True, True, True, False, False]
+    metric = selection.flat_metric(params, grads)
+    assert metric.numel() == sum(p.numel() for p in params)
+    for view, p, g in zip(selection.split_flat(metric, params, grads), params, grads):
+        assert view.shape == p.shape and view.data_ptr() >= metric.data_ptr()
+        assert torch.equal(view, (p * g).abs())
+        if selection._in_memory_order(p, g):
+            assert view.stride() == p.stride()
+    # The masked gradients follow the same layout.
+    threshold = metric.median()
+    mask = metric >= threshold
+    for d, p, g in zip(selection.masked_gradients(params, grads, mask), params, grads):
+        assert torch.equal(d, g * ((p * g).abs() >= threshold))
 
 
 def test_fallback_after_threshold_drop(search_log):
