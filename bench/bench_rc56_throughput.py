@@ -1,10 +1,12 @@
 """Training throughput of ResNet-56 on CIFAR-10-sized data: GSM against plain SGD through the real training
 loop (`gsm.trainer.train_epoch`, device-resident data with batched augmentation), measured side by side.
-On CUDA it also times a full epoch with each speed option (plain, --amp, --amp --compile) and projects the
-time of the whole 1100-epoch experiment (500 base + 600 GSM epochs, evaluations every second epoch)."""
+On CUDA it also times a full epoch with each speed option (plain, --amp, --amp --compile, and --amp with
+torch.compile's CUDA graphs, mode "reduce-overhead", which the scripts do not offer yet) and projects the time
+of the whole 1100-epoch experiment (500 base + 600 GSM epochs, evaluations every second epoch)."""
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import torch
 
@@ -29,14 +31,15 @@ def synthetic_loaders(num_train: int, device: torch.device, channels_last: bool)
     return train, test
 
 
-def make_run(config, device, channels_last: bool, compile_model: bool):
+def make_run(config, device, channels_last: bool, compile_mode: Optional[str]):
+    """rc56 and its optimizer; `compile_mode` None for eager, else torch.compile's mode ("default", ...)."""
     torch.manual_seed(0)
     model = build_model("rc56").to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
-    if compile_model:
-        model = torch.compile(model)
+    if compile_mode is not None:
+        model = torch.compile(model, mode=compile_mode)
     return model, optimizer
 
 
@@ -54,8 +57,8 @@ def compare_gsm_sgd(args, device, channels_last) -> None:
     loader, _ = synthetic_loaders(args.iters * BATCH, device, channels_last)
     sgd_config = RC_BASE
     gsm_train_config = gsm_config(RC_GSM, 10)
-    runs = {"sgd": make_run(sgd_config, device, channels_last, False),
-            "gsm": make_run(gsm_train_config, device, channels_last, False)}
+    runs = {"sgd": make_run(sgd_config, device, channels_last, None),
+            "gsm": make_run(gsm_train_config, device, channels_last, None)}
     configs = {"sgd": sgd_config, "gsm": gsm_train_config}
     for name, (model, optimizer) in runs.items():  # warm-up
         timed_epoch(model, optimizer, loader, 0, configs[name], False, device)
@@ -77,25 +80,36 @@ def compare_gsm_sgd(args, device, channels_last) -> None:
 def project_full_experiment(args, device) -> None:
     """Full-epoch times for each speed option and the projected 1100-epoch wall time (CUDA)."""
     loader, test_loader = synthetic_loaders(CIFAR_TRAIN, device, channels_last=True)
-    gsm_train_config = gsm_config(RC_GSM, 10)
     print(f"\nfull epochs ({len(loader)} iterations of {BATCH}) on {torch.cuda.get_device_name(device)}")
     print(f"  {'options':<16} {'SGD epoch s':>12} {'GSM epoch s':>12} {'eval s':>8} {'1100 epochs, min':>17}")
-    for label, amp, compile_model in (("plain", False, False), ("--amp", True, False),
-                                      ("--amp --compile", True, True)):
-        epoch_times = {}
-        for name, config in (("sgd", RC_BASE), ("gsm", gsm_train_config)):
-            model, optimizer = make_run(config, device, True, compile_model)
-            timed_epoch(model, optimizer, loader, 0, config, amp, device)  # warm-up (and compilation)
-            epoch_times[name] = statistics.median(
-                timed_epoch(model, optimizer, loader, e, config, amp, device) for e in range(1, 1 + args.epochs))
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        evaluate(model, test_loader, amp)
-        eval_seconds = time.perf_counter() - start
+    for label, amp, compile_mode in (("plain", False, None), ("--amp", True, None),
+                                     ("--amp --compile", True, "default"),
+                                     ("CUDA graphs", True, "reduce-overhead")):
+        try:
+            epoch_times, eval_seconds = time_option(args, device, loader, test_loader, amp, compile_mode)
+        except Exception as exc:  # one option failing (e.g. a compiler error) must not hide the others
+            print(f"  {label:<16} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", flush=True)
+            continue
         evaluations = RC_BASE.epochs // 2 + RC_GSM.epochs // 2 + 2
         total = RC_BASE.epochs * epoch_times["sgd"] + RC_GSM.epochs * epoch_times["gsm"] + evaluations * eval_seconds
         print(f"  {label:<16} {epoch_times['sgd']:12.2f} {epoch_times['gsm']:12.2f} {eval_seconds:8.2f} "
-              f"{total / 60:17.1f}")
+              f"{total / 60:17.1f}", flush=True)
+
+
+def time_option(args, device, loader, test_loader, amp: bool, compile_mode: Optional[str]):
+    """Median full-epoch seconds of SGD and GSM with one speed option, and the seconds of one evaluation."""
+    gsm_train_config = gsm_config(RC_GSM, 10)
+    epoch_times = {}
+    for name, config in (("sgd", RC_BASE), ("gsm", gsm_train_config)):
+        model, optimizer = make_run(config, device, True, compile_mode)
+        timed_epoch(model, optimizer, loader, 0, config, amp, device)  # warm-up (and compilation)
+        epoch_times[name] = statistics.median(
+            timed_epoch(model, optimizer, loader, e, config, amp, device) for e in range(1, 1 + args.epochs))
+    evaluate(model, test_loader, amp)  # warm-up: the compiled model recompiles for evaluation
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    evaluate(model, test_loader, amp)
+    return epoch_times, time.perf_counter() - start
 
 
 def main() -> None:
