@@ -8,8 +8,10 @@ from typing import Optional
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gsm.selection as selection
+from base_model import build_model
 from gsm import GSM
 from gsm.selection import active_masks, keep_count, kth_largest
 
@@ -664,6 +666,38 @@ def test_boundary_arguments_are_valid():
 
 # ----------------------------------------------------------------------------------------------------------
 # kth_largest
+
+
+class CountComputingOps(TorchDispatchMode):
+    """Counts the ATen operations that compute (each one kernel launch on a GPU); views are free."""
+
+    VIEWS = {"aten.as_strided", "aten.detach", "aten.slice", "aten.view", "aten._unsafe_view", "aten.alias"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func.overloadpacket) not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_accelerator_step_is_a_few_kernels_whatever_the_depth(memory_format):
+    """Off the host (here the meta device: shapes only), a GSM step is a fixed handful of operations: the
+    metric, the selection, the mask and the update each take one or a few multi-tensor kernels, for 20 layers
+    as for 110, channels_last weights included (no per-parameter copies)."""
+    counts = {}
+    for name in ("rc20", "rc110"):
+        model = build_model(name).to("meta").to(memory_format=memory_format)
+        opt = GSM(model.parameters(), lr=0.01, momentum=0.98, weight_decay=1e-4, nonzero_ratio=0.1)
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        opt.step()  # the first step creates the momentum buffers
+        with CountComputingOps() as ops:
+            opt.step()
+        counts[name] = ops.count
+    assert counts["rc20"] == counts["rc110"] <= 16, counts
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 1), (10, 10), (1000, 3), (1000, 31), (1000, 32), (1000, 700),
