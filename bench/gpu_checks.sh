@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]        (default OUT_DIR: gpu_checks)
 #
-# About 10 minutes on one H100-class GPU. Works from an installed checkout (pip install -r requirements.txt)
+# Each part stops at its own time limit (below), 14 minutes in all at most. Works from an installed checkout (pip install -r requirements.txt)
 # and from a plain one beside an installed torch, h5py and tqdm (the repository root then goes on PYTHONPATH).
 # Exit status 0 when every part passed.
 set -uo pipefail
