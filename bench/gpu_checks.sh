@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# Every GPU check and measurement in one run, on a machine with a CUDA device: the CUDA tests (no host
-# synchronisation inside a training iteration, GSM on the GPU against the brute-force selection, the
-# ResNet script with --amp --compile), ResNet-56 throughput with GSM against SGD and the projected time of
-# the whole 1100-epoch experiment for each speed option, and the time of one GSM step against SGD and a
-# naive GSM. Each part is cut at its own time limit; its output goes to the terminal and to OUT_DIR/<part>.log.
+# The GPU checks and measurements in one run, on a machine with a CUDA device. Parts:
+#   device           torch, CUDA and cuDNN versions and the device's name
+#   tests            the CUDA tests: no host synchronisation inside a training iteration, GSM on the GPU
+#                    against the brute-force selection, the loader on the GPU, gsm_rc56.py --amp --compile
+#   rc56_throughput  ResNet-56 throughput with GSM against SGD, and the projected time of the whole
+#                    1100-epoch experiment for each speed option
+#   gsm_step         one GSM step against SGD and a naive GSM (not in the default set)
 #
-#   bash bench/gpu_checks.sh [OUT_DIR]        (default OUT_DIR: gpu_checks)
+#   bash bench/gpu_checks.sh [OUT_DIR [PART ...]]     (default: gpu_checks, and device tests rc56_throughput)
 #
-# Each part stops at its own time limit (below), 14 minutes in all at most. Works from an installed checkout (pip install -r requirements.txt)
-# and from a plain one beside an installed torch, h5py and tqdm (the repository root then goes on PYTHONPATH).
-# Exit status 0 when every part passed.
+# Each part stops at its own time limit (30, 180, 360 and 120 s), so the default set takes under 10 minutes.
+# Its output goes to the terminal and to OUT_DIR/<part>.log. Works from an installed checkout
+# (pip install -r requirements.txt) and from a plain one beside an installed torch, h5py and tqdm (the
+# repository root then goes on PYTHONPATH). Exit status 0 when every part passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_checks}"
+shift || true
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(device tests rc56_throughput)
+for name in "${parts[@]}"; do
+    case "$name" in
+        device|tests|rc56_throughput|gsm_step) ;;
+        *) echo "error: unknown part '$name'; parts: device tests rc56_throughput gsm_step" >&2; exit 2 ;;
+    esac
+done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python -c "import gsm" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,8 +44,13 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND, cut after SECONDS, log to
     [ "$rc" -eq 0 ] || status=1
 }
 
-part device 60 python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.backends.cudnn.version())"
-part tests 240 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_optimizer.py -k cuda
-part rc56_throughput 420 python bench/bench_rc56_throughput.py --epochs 1
-part gsm_step 120 python bench/bench_gsm_step.py --device cuda
+for name in "${parts[@]}"; do
+    case "$name" in
+        device) part device 30 python -c "import torch; print(torch.__version__, 'CUDA', torch.version.cuda, \
+'cuDNN', torch.backends.cudnn.version(), torch.cuda.get_device_name())" ;;
+        tests) part tests 180 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_optimizer.py -k cuda ;;
+        rc56_throughput) part rc56_throughput 360 python bench/bench_rc56_throughput.py --epochs 1 ;;
+        gsm_step) part gsm_step 120 python bench/bench_gsm_step.py --device cuda ;;
+    esac
+done
 exit $status
