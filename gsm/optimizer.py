@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gsm.selection import ThresholdFinder, at_least, flat_metric, keep_count, masked_gradients
+from gsm.selection import GlobalSelection, keep_count
 
 
 class GSM(Optimizer):
@@ -56,8 +56,7 @@ class GSM(Optimizer):
         self.last_threshold: Optional[Tensor] = None
         self._last_mask: Optional[Tensor] = None
         self._last_num_ranked = 0
-        self._threshold_finder = ThresholdFinder()
-        self._metric_buffer: Optional[Tensor] = None
+        self._selection = GlobalSelection()
         super().__init__(params, defaults)
 
     @staticmethod
@@ -111,16 +110,8 @@ class GSM(Optimizer):
             return {}
         if any(p.grad.is_sparse for p in ranked):
             raise RuntimeError("GSM does not support sparse gradients")
-        grads = [p.grad for p in ranked]
-        metric = flat_metric(ranked, grads, out=self._metric_buffer)
-        self._metric_buffer = metric
-        if q == 0:
-            mask = torch.zeros_like(metric, dtype=torch.bool)
-        else:
-            self.last_threshold = self._threshold_finder(metric, q)
-            mask = at_least(metric, self.last_threshold)
-        self._last_mask = mask
-        return dict(zip(ranked, masked_gradients(ranked, grads, mask)))
+        self.last_threshold, self._last_mask, directions = self._selection(ranked, [p.grad for p in ranked], q)
+        return dict(zip(ranked, directions))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:

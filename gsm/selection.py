@@ -125,64 +125,119 @@ def _is_dense(t: Tensor) -> bool:
 
 
 def _in_memory_order(p: Tensor, g: Tensor) -> bool:
-    """Whether the flat metric holds the elements of `p` in memory order rather than in logical (row-major)
+    """Whether a flat vector holds the elements of `p` in memory order rather than in logical (row-major)
     order: when `p` and its gradient `g` are dense with the same strides (e.g. both channels_last), so that
-    flattening them and unflattening the mask are views, with no copies. For contiguous tensors the two
-    orders are the same."""
+    the elementwise work between them and the flat vector runs on matching layouts. For contiguous tensors
+    the two orders are the same."""
     return p.stride() == g.stride() and _is_dense(p)
 
 
-def _flatten(t: Tensor, memory_order: bool) -> Tensor:
-    return t.as_strided((t.numel(),), (1,)) if memory_order else t.reshape(-1)
+def _row_major_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
-def flat_metric(params: Sequence[Tensor], grads: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
-    """|w * g| of every element of `params`, concatenated into one float32 vector (written into `out`).
+class FlatLayout:
+    """Where the elements of each tensor of a list lie in one flat vector (the metric, the mask): one segment
+    per tensor, in order, holding its elements in memory order when the tensor and its gradient share a
+    dense layout, else in logical order. `views(flat)` are the segments shaped like the tensors."""
 
-    Each parameter's elements come in memory order or logical order (see `_in_memory_order`); `split_flat`
-    with the same params and grads undoes the layout. On an accelerator the products are one multi-tensor
-    multiply and one concatenation, not a kernel per parameter."""
-    total = sum(p.numel() for p in params)
-    if out is None or out.numel() != total or out.device != params[0].device:
-        out = torch.empty(total, dtype=torch.float32, device=params[0].device)
-    flat_params, flat_grads = [], []
-    for p, g in zip(params, grads):
-        memory_order = _in_memory_order(p, g)
-        flat_params.append(_flatten(p.detach(), memory_order))
-        flat_grads.append(_flatten(g, memory_order))
-    if on_host(out):
+    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        self.segments: List[Tuple[Tuple[int, ...], Tuple[int, ...], int]] = []  # (shape, strides, offset)
         offset = 0
-        for p, g in zip(flat_params, flat_grads):
-            torch.mul(p, g, out=out[offset:offset + p.numel()])
+        for p, g in zip(params, grads):
+            strides = tuple(p.stride()) if _in_memory_order(p, g) else _row_major_strides(p.shape)
+            self.segments.append((tuple(p.shape), strides, offset))
             offset += p.numel()
-    else:
-        torch.cat(torch._foreach_mul(flat_params, flat_grads), out=out)
-    return out.abs_()
+        self.numel = offset
+
+    def views(self, flat: Tensor) -> List[Tensor]:
+        """The segments of the 1-D tensor `flat` (of `numel` elements), each shaped like its tensor."""
+        base = flat.storage_offset()
+        return [flat.as_strided(shape, strides, base + offset) for shape, strides, offset in self.segments]
 
 
-def split_flat(flat: Tensor, like: Sequence[Tensor], grads: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
-    """Views of `flat` shaped like each tensor of `like`, in order: the inverse of `flat_metric(like, grads)`'s
-    layout (logical order for every tensor when `grads` is None)."""
-    views, offset = [], 0
-    for i, t in enumerate(like):
-        part = flat[offset:offset + t.numel()]
-        if grads is not None and _in_memory_order(t, grads[i]):
-            views.append(part.as_strided(t.shape, t.stride()))
+def _without_autograd(tensors: Sequence[Tensor]) -> List[Tensor]:
+    return [t.detach() for t in tensors] if torch.is_grad_enabled() else list(tensors)
+
+
+def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: Sequence[Tensor]) -> None:
+    """|w * g| of every tensor into its segment of the flat metric (the segments must cover it)."""
+    params = _without_autograd(params)
+    if on_host(segments[0]):
+        for p, g, segment in zip(params, grads, segments):
+            torch.mul(p, g, out=segment)
+    else:  # one multi-tensor multiply and one multi-tensor copy, not a kernel per tensor
+        torch._foreach_copy_(list(segments), torch._foreach_mul(params, list(grads)))
+
+
+def flat_metric(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """|w * g| of every element of `params`, as one float32 vector laid out by `FlatLayout(params, grads)`."""
+    layout = FlatLayout(params, grads)
+    metric = torch.empty(layout.numel, dtype=torch.float32, device=params[0].device)
+    _write_metric(params, grads, layout.views(metric))
+    return metric.abs_()
+
+
+def split_flat(flat: Tensor, like: Sequence[Tensor], grads: Sequence[Tensor]) -> List[Tensor]:
+    """Views of `flat` shaped like each tensor of `like`, laid out as `flat_metric(like, grads)` lays them out."""
+    return FlatLayout(like, grads).views(flat)
+
+
+class GlobalSelection:
+    """DESIGN 1's selection, step after step, for a list of prunable tensors and their loss gradients:
+    the metric |w * g| in one flat vector, its exact k-th largest value tau (see ThresholdFinder), the mask
+    metric >= tau, and the masked gradients mask * g.
+
+    The flat buffers and their per-tensor views are kept while the tensors keep their shapes, strides and
+    dtypes, so that off the host a step is a handful of multi-tensor kernels and little Python work."""
+
+    def __init__(self) -> None:
+        self.threshold_finder = ThresholdFinder()
+        self._key: Optional[tuple] = None
+        self._layout: Optional[FlatLayout] = None
+        self._metric: Optional[Tensor] = None
+        self._metric_views: List[Tensor] = []
+        self._float_mask: Optional[Tensor] = None
+        self._float_mask_views: List[Tensor] = []
+
+    def _prepare(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        key = (params[0].device,) + tuple((p.shape, p.stride(), g.stride(), g.dtype) for p, g in zip(params, grads))
+        if key == self._key:
+            return
+        self._key = key
+        self._layout = FlatLayout(params, grads)
+        device = params[0].device
+        self._metric = torch.empty(self._layout.numel, dtype=torch.float32, device=device)
+        self._metric_views = self._layout.views(self._metric)
+        self._float_mask, self._float_mask_views = None, []
+        dtypes = {g.dtype for g in grads}
+        if not on_host(self._metric) and len(dtypes) == 1:
+            self._float_mask = torch.empty(self._layout.numel, dtype=dtypes.pop(), device=device)
+            self._float_mask_views = self._layout.views(self._float_mask)
+
+    def metric(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+        """The flat metric |w * g| (a buffer that the next call overwrites)."""
+        self._prepare(params, grads)
+        _write_metric(params, grads, self._metric_views)
+        return self._metric.abs_()
+
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor],
+                 k: int) -> Tuple[Optional[Tensor], Tensor, List[Tensor]]:
+        """(tau, or None when k == 0; the flat bool mask; the masked gradients as new tensors)."""
+        metric = self.metric(params, grads)
+        if k == 0:
+            threshold, mask = None, torch.zeros_like(metric, dtype=torch.bool)
         else:
-            views.append(part.view(t.shape))
-        offset += t.numel()
-    return views
-
-
-def masked_gradients(params: Sequence[Tensor], grads: Sequence[Tensor], flat_mask: Tensor) -> List[Tensor]:
-    """mask * g for every gradient, as new tensors, with `flat_mask` laid out as `flat_metric(params, grads)`.
-    On an accelerator: one conversion of the mask to the gradients' dtype and one multi-tensor multiply."""
-    if on_host(flat_mask):
-        return [masked(g, m) for g, m in zip(grads, split_flat(flat_mask, params, grads))]
-    dtype = grads[0].dtype
-    if all(g.dtype == dtype for g in grads):
-        return list(torch._foreach_mul(list(grads), split_flat(flat_mask.to(dtype), params, grads)))
-    return [g * m for g, m in zip(grads, split_flat(flat_mask, params, grads))]
+            threshold = self.threshold_finder(metric, k)
+            mask = at_least(metric, threshold)
+        if self._float_mask is not None:  # off the host: one conversion and one multi-tensor multiply
+            self._float_mask.copy_(mask)
+            return threshold, mask, list(torch._foreach_mul(list(grads), self._float_mask_views))
+        return threshold, mask, [masked(g, m) for g, m in zip(grads, self._layout.views(mask))]
 
 
 @torch.no_grad()
