@@ -45,7 +45,7 @@ def elements_at_least(values: Tensor, threshold) -> Tensor:
 
 def masked(grad: Tensor, mask: Tensor) -> Tensor:
     """mask * grad as a new tensor (the masked loss gradient of DESIGN 1)."""
-    grad_array, mask_array = _numpy_view(grad), (mask.numpy() if mask.device.type == "cpu" else None)
+    grad_array, mask_array = _numpy_view(grad), (mask.numpy() if on_host(mask) else None)
     if grad_array is not None and mask_array is not None:
         return torch.from_numpy(grad_array * mask_array)
     return grad * mask
