@@ -358,6 +358,7 @@ def test_selection_buffers_follow_layout_changes(selection_device):
         linear, linear_grad = (torch.randn(10, 20, generator=gen).to(selection_device) for _ in range(2))
         params, grads = [conv, linear], [conv_grad, linear_grad]
         threshold, mask, directions = chooser(params, grads, 37)
+        assert chooser._layout.segments[0][1] == conv.stride()  # the conv's segment follows its layout
         expected = active_masks(params, grads, 37.5 / 362)  # Q = int(37.5 / 362 * 362) = 37
         assert int(mask.sum()) == sum(int(m.sum()) for m in expected) == 37
         for d, g, m in zip(directions, grads, expected):
