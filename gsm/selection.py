@@ -176,10 +176,7 @@ def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: S
 
 def flat_metric(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     """|w * g| of every element of `params`, as one float32 vector laid out by `FlatLayout(params, grads)`."""
-    layout = FlatLayout(params, grads)
-    metric = torch.empty(layout.numel, dtype=torch.float32, device=params[0].device)
-    _write_metric(params, grads, layout.views(metric))
-    return metric.abs_()
+    return GlobalSelection().metric(params, grads)
 
 
 def split_flat(flat: Tensor, like: Sequence[Tensor], grads: Sequence[Tensor]) -> List[Tensor]:
@@ -214,10 +211,19 @@ class GlobalSelection:
         self._metric = torch.empty(self._layout.numel, dtype=torch.float32, device=device)
         self._metric_views = self._layout.views(self._metric)
         self._float_mask, self._float_mask_views = None, []
-        dtypes = {g.dtype for g in grads}
-        if not on_host(self._metric) and len(dtypes) == 1:
-            self._float_mask = torch.empty(self._layout.numel, dtype=dtypes.pop(), device=device)
+
+    def _mask_views_off_host(self, grads: Sequence[Tensor]) -> Optional[List[Tensor]]:
+        """Views of a float mask buffer in the gradients' dtype, laid out like the metric, when the tensors are
+        off the host and share one dtype (else None: the mask is applied tensor by tensor)."""
+        if on_host(self._metric):
+            return None
+        if self._float_mask is None:
+            dtypes = {g.dtype for g in grads}
+            if len(dtypes) != 1:
+                return None
+            self._float_mask = torch.empty(self._layout.numel, dtype=dtypes.pop(), device=self._metric.device)
             self._float_mask_views = self._layout.views(self._float_mask)
+        return self._float_mask_views
 
     def metric(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
         """The flat metric |w * g| (a buffer that the next call overwrites)."""
@@ -234,9 +240,10 @@ class GlobalSelection:
         else:
             threshold = self.threshold_finder(metric, k)
             mask = at_least(metric, threshold)
-        if self._float_mask is not None:  # off the host: one conversion and one multi-tensor multiply
+        mask_views = self._mask_views_off_host(grads)
+        if mask_views is not None:  # one conversion and one multi-tensor multiply
             self._float_mask.copy_(mask)
-            return threshold, mask, list(torch._foreach_mul(list(grads), self._float_mask_views))
+            return threshold, mask, list(torch._foreach_mul(list(grads), mask_views))
         return threshold, mask, [masked(g, m) for g, m in zip(grads, self._layout.views(mask))]
 
 
