@@ -1,8 +1,8 @@
 """Training throughput of ResNet-56 on CIFAR-10-sized data: GSM against plain SGD through the real training
 loop (`gsm.trainer.train_epoch`, device-resident data with batched augmentation), measured side by side.
-On CUDA it also times a full epoch with each speed option (plain, --amp, --amp --compile, and --amp with
-torch.compile's CUDA graphs, mode "reduce-overhead", which the scripts do not offer yet) and projects the time
-of the whole 1100-epoch experiment (500 base + 600 GSM epochs, evaluations every second epoch)."""
+On CUDA it also times a full epoch with each speed option of gsm_rc56.py (plain, --amp, --amp --compile, and
+--amp --compile reduce-overhead, which adds CUDA graphs) and projects the time of the whole 1100-epoch
+experiment (500 base + 600 GSM epochs, evaluations every second epoch)."""
 import argparse
 import statistics
 import time
@@ -81,18 +81,18 @@ def project_full_experiment(args, device) -> None:
     """Full-epoch times for each speed option and the projected 1100-epoch wall time (CUDA)."""
     loader, test_loader = synthetic_loaders(CIFAR_TRAIN, device, channels_last=True)
     print(f"\nfull epochs ({len(loader)} iterations of {BATCH}) on {torch.cuda.get_device_name(device)}")
-    print(f"  {'options':<16} {'SGD epoch s':>12} {'GSM epoch s':>12} {'eval s':>8} {'1100 epochs, min':>17}")
+    print(f"  {'options':<33} {'SGD epoch s':>12} {'GSM epoch s':>12} {'eval s':>8} {'1100 epochs, min':>17}")
     for label, amp, compile_mode in (("plain", False, None), ("--amp", True, None),
                                      ("--amp --compile", True, "default"),
-                                     ("CUDA graphs", True, "reduce-overhead")):
+                                     ("--amp --compile reduce-overhead", True, "reduce-overhead")):
         try:
             epoch_times, eval_seconds = time_option(args, device, loader, test_loader, amp, compile_mode)
         except Exception as exc:  # one option failing (e.g. a compiler error) must not hide the others
-            print(f"  {label:<16} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", flush=True)
+            print(f"  {label:<33} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", flush=True)
             continue
         evaluations = RC_BASE.epochs // 2 + RC_GSM.epochs // 2 + 2
         total = RC_BASE.epochs * epoch_times["sgd"] + RC_GSM.epochs * epoch_times["gsm"] + evaluations * eval_seconds
-        print(f"  {label:<16} {epoch_times['sgd']:12.2f} {epoch_times['gsm']:12.2f} {eval_seconds:8.2f} "
+        print(f"  {label:<33} {epoch_times['sgd']:12.2f} {epoch_times['gsm']:12.2f} {eval_seconds:8.2f} "
               f"{total / 60:17.1f}", flush=True)
 
 

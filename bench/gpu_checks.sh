@@ -3,6 +3,7 @@
 #   device           torch, CUDA and cuDNN versions and the device's name
 #   tests            the CUDA tests: no host synchronisation inside a training iteration, GSM on the GPU
 #                    against the brute-force selection, the loader on the GPU, gsm_rc56.py --amp --compile
+#                    reduce-overhead
 #   rc56_throughput  ResNet-56 throughput with GSM against SGD, and the projected time of the whole
 #                    1100-epoch experiment for each speed option
 #   gsm_step         one GSM step against SGD and a naive GSM (not in the default set)

@@ -7,6 +7,7 @@ from gsm.cli import add_run_options, check_ratio_keeps_weights, compression_rati
 from gsm.rc56 import ResNetConfig, run_resnet
 
 ARCHS = ("rc20", "rc32", "rc44", "rc56", "rc110")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -19,7 +20,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="compression ratio R > 1 (default: %(default)s, as in the paper)")
     parser.add_argument("--arch", choices=ARCHS, default="rc56", help="ResNet depth (default: %(default)s)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for forward passes (GPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile the model. MODE is torch.compile's mode: default (when omitted), "
+                             "reduce-overhead (also replays every forward and backward pass as a CUDA graph, which "
+                             "saves the launch cost of each kernel on a GPU), max-autotune or "
+                             "max-autotune-no-cudagraphs")
     add_run_options(parser)
     args = parser.parse_args(argv)
     check_ratio_keeps_weights(parser, args.ratio, args.arch)

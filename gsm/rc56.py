@@ -1,6 +1,6 @@
 """The CIFAR-10 ResNet experiment: base training, GSM training at compression R, and the hard prune."""
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -16,11 +16,12 @@ from gsm.trainer import train_stage
 @dataclass(frozen=True)
 class ResNetConfig:
     """One CIFAR ResNet run: depth name, compression ratio, and the speed options (results unchanged up to
-    bf16 rounding with `amp`)."""
+    bf16 rounding with `amp`): `compile` is torch.compile's mode ("default", "reduce-overhead", ...), None
+    for eager execution."""
     arch: str = "rc56"
     ratio: float = 10.0
     amp: bool = False
-    compile: bool = False
+    compile: Optional[str] = None
     options: RunOptions = RunOptions()
 
 
@@ -52,7 +53,7 @@ def _run(config: ResNetConfig, context) -> Dict[str, str]:
     plain = build_model(config.arch).to(device)
     if fast:
         plain = plain.to(memory_format=torch.channels_last)
-    model = torch.compile(plain) if config.compile else plain
+    model = plain if config.compile is None else torch.compile(plain, mode=config.compile)
     model = wrap_model(model, context)
     stage_options = dict(writer=context.is_writer, progress=opts.progress, amp=config.amp)
     train_stage(model, folders["base"], base_config, train_loader, test_loader,

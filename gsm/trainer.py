@@ -237,6 +237,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoc
         lr = lr_at(epoch * iters_per_epoch + i)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_factor", 1.0)
+        # For torch.compile's CUDA graphs (mode reduce-overhead): a new step begins, so the memory of the last
+        # step's graph outputs may be reused (they are all consumed by now). Without CUDA graphs, a no-op.
+        torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp):
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)

@@ -108,12 +108,13 @@ def test_loader_on_cuda_serves_the_cpu_loaders_batches():
     assert not torch.equal(batches[0][1], next(iter(train.epoch_batches(4)))[1])
 
 
-def test_resnet_script_with_amp_and_compile_on_cuda(tmp_path):
+def test_resnet_script_with_amp_and_cuda_graphs(tmp_path):
     data = write_fake_cifar10(tmp_path / "data")
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(REPO / "gsm" / "gsm_rc56.py"), "--arch", "rc20", "--scale", "0.002", "--device",
-         "cuda", "--amp", "--compile", "--data-root", str(data), "--out-root", str(out), "--no-progress"],
+         "cuda", "--amp", "--compile", "reduce-overhead", "--data-root", str(data), "--out-root", str(out),
+         "--no-progress"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     num_prunable = sum(p.numel() for p in prunable_parameters(build_model("rc20")).values())
