@@ -17,6 +17,7 @@ from gsm.lr_schedule import learning_rate
 from gsm.trainer import build_optimizer, evaluate, train_epoch
 
 CIFAR_TRAIN, CIFAR_TEST, BATCH = 50000, 10000, 64
+WARMUP_ITERS = 30  # iterations that compile the model and record its CUDA graphs before the timed epochs
 
 
 def synthetic_loaders(num_train: int, device: torch.device, channels_last: bool):
@@ -31,16 +32,13 @@ def synthetic_loaders(num_train: int, device: torch.device, channels_last: bool)
     return train, test
 
 
-def make_run(config, device, channels_last: bool, compile_mode: Optional[str]):
-    """rc56 and its optimizer; `compile_mode` None for eager, else torch.compile's mode ("default", ...)."""
+def make_model(device, channels_last: bool, compile_mode: Optional[str]):
+    """rc56, compiled in torch.compile's `compile_mode` ("default", ...) unless it is None (eager)."""
     torch.manual_seed(0)
     model = build_model("rc56").to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config)
-    if compile_mode is not None:
-        model = torch.compile(model, mode=compile_mode)
-    return model, optimizer
+    return model if compile_mode is None else torch.compile(model, mode=compile_mode)
 
 
 def timed_epoch(model, optimizer, loader, epoch, config, amp, device) -> float:
@@ -55,11 +53,11 @@ def timed_epoch(model, optimizer, loader, epoch, config, amp, device) -> float:
 
 def compare_gsm_sgd(args, device, channels_last) -> None:
     loader, _ = synthetic_loaders(args.iters * BATCH, device, channels_last)
-    sgd_config = RC_BASE
-    gsm_train_config = gsm_config(RC_GSM, 10)
-    runs = {"sgd": make_run(sgd_config, device, channels_last, None),
-            "gsm": make_run(gsm_train_config, device, channels_last, None)}
-    configs = {"sgd": sgd_config, "gsm": gsm_train_config}
+    configs = {"sgd": RC_BASE, "gsm": gsm_config(RC_GSM, 10)}
+    runs = {}
+    for name, config in configs.items():  # two models with the same initial weights
+        model = make_model(device, channels_last, None)
+        runs[name] = (model, build_optimizer(model, config))
     for name, (model, optimizer) in runs.items():  # warm-up
         timed_epoch(model, optimizer, loader, 0, configs[name], False, device)
     times = {name: [] for name in runs}
@@ -80,32 +78,39 @@ def compare_gsm_sgd(args, device, channels_last) -> None:
 def project_full_experiment(args, device) -> None:
     """Full-epoch times for each speed option and the projected 1100-epoch wall time (CUDA)."""
     loader, test_loader = synthetic_loaders(CIFAR_TRAIN, device, channels_last=True)
+    warmup_loader, _ = synthetic_loaders(WARMUP_ITERS * BATCH, device, channels_last=True)
     print(f"\nfull epochs ({len(loader)} iterations of {BATCH}) on {torch.cuda.get_device_name(device)}")
     print(f"  {'options':<33} {'SGD epoch s':>12} {'GSM epoch s':>12} {'eval s':>8} {'1100 epochs, min':>17}")
     for label, amp, compile_mode in (("plain", False, None), ("--amp", True, None),
                                      ("--amp --compile", True, "default"),
                                      ("--amp --compile reduce-overhead", True, "reduce-overhead")):
+        started = time.perf_counter()
         try:
-            epoch_times, eval_seconds = time_option(args, device, loader, test_loader, amp, compile_mode)
+            epoch_times, eval_seconds = time_option(args, device, loader, warmup_loader, test_loader, amp,
+                                                    compile_mode)
         except Exception as exc:  # one option failing (e.g. a compiler error) must not hide the others
             print(f"  {label:<33} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", flush=True)
             continue
         evaluations = RC_BASE.epochs // 2 + RC_GSM.epochs // 2 + 2
         total = RC_BASE.epochs * epoch_times["sgd"] + RC_GSM.epochs * epoch_times["gsm"] + evaluations * eval_seconds
         print(f"  {label:<33} {epoch_times['sgd']:12.2f} {epoch_times['gsm']:12.2f} {eval_seconds:8.2f} "
-              f"{total / 60:17.1f}", flush=True)
+              f"{total / 60:17.1f}   (measured in {time.perf_counter() - started:.0f} s)", flush=True)
 
 
-def time_option(args, device, loader, test_loader, amp: bool, compile_mode: Optional[str]):
-    """Median full-epoch seconds of SGD and GSM with one speed option, and the seconds of one evaluation."""
-    gsm_train_config = gsm_config(RC_GSM, 10)
+def time_option(args, device, loader, warmup_loader, test_loader, amp: bool, compile_mode: Optional[str]):
+    """Median full-epoch seconds of SGD and GSM with one speed option, and the seconds of one evaluation.
+    Both optimizers train the same model, so that it is compiled once; `warmup_loader`'s short epochs
+    compile it (and record its CUDA graphs) before any timing."""
+    model = make_model(device, True, compile_mode)
+    configs = {"sgd": RC_BASE, "gsm": gsm_config(RC_GSM, 10)}
+    optimizers = {name: build_optimizer(model, config) for name, config in configs.items()}
+    for name, optimizer in optimizers.items():
+        timed_epoch(model, optimizer, warmup_loader, 0, configs[name], amp, device)
     epoch_times = {}
-    for name, config in (("sgd", RC_BASE), ("gsm", gsm_train_config)):
-        model, optimizer = make_run(config, device, True, compile_mode)
-        timed_epoch(model, optimizer, loader, 0, config, amp, device)  # warm-up (and compilation)
+    for name, optimizer in optimizers.items():
         epoch_times[name] = statistics.median(
-            timed_epoch(model, optimizer, loader, e, config, amp, device) for e in range(1, 1 + args.epochs))
-    evaluate(model, test_loader, amp)  # warm-up: the compiled model recompiles for evaluation
+            timed_epoch(model, optimizer, loader, e, configs[name], amp, device) for e in range(1, 1 + args.epochs))
+    evaluate(model, test_loader, amp)  # warm-up: the compiled model compiles again for evaluation
     torch.cuda.synchronize()
     start = time.perf_counter()
     evaluate(model, test_loader, amp)
