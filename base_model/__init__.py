@@ -1,5 +1,5 @@
 """Model registry: `build_model(name)` returns a freshly initialised network by its short name."""
-from typing import Callable, Dict
+from typing import Callable, Dict, Union
 
 import torch
 from torch import nn
@@ -23,6 +23,16 @@ MODEL_NAMES = tuple(_BUILDERS)
 MODEL_DATASETS = {name: ("mnist" if name.startswith("lenet") else "cifar10") for name in MODEL_NAMES}
 
 
+def trains_channels_last(name: str, device: Union[str, torch.device]) -> bool:
+    """Whether model `name` trains with weights and images in the channels_last memory layout on `device`.
+    On a 2-core CPU (oneDNN), LeNet-5 iterations run 1.7x as fast in it, with gradients as close to float64
+    as in the default layout; ResNets run 1.3x as fast, but channels_last BatchNorm moves rc20's gradients
+    about 10x further from float64, so on the CPU they keep the default layout. On GPUs the convolutional
+    models use it: cuDNN's fastest convolution kernels are channels_last. LeNet-300-100 has no convolutions."""
+    if name == "lenet300":
+        return False
+    return name == "lenet5" or torch.device(device).type == "cuda"
+
 def init_weights(model: nn.Module) -> None:
     """The released code's initialisation: Xavier-uniform for every weight of dim > 1, zero biases,
     BatchNorm weight 1 and bias 0."""
@@ -45,4 +55,5 @@ def build_model(name: str) -> nn.Module:
     return model
 
 
-__all__ = ["build_model", "init_weights", "MODEL_NAMES", "MODEL_DATASETS", "LeNet300", "LeNet5", "CifarResNet"]
+__all__ = ["build_model", "init_weights", "MODEL_NAMES", "MODEL_DATASETS", "trains_channels_last", "LeNet300", "LeNet5",
+           "CifarResNet"]

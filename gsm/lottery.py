@@ -6,7 +6,7 @@ from typing import Dict
 import torch
 
 import dataset
-from base_model import MODEL_DATASETS, build_model
+from base_model import MODEL_DATASETS, build_model, trains_channels_last
 from gsm import exp_layout
 from gsm.experiment_config import DEFAULT_RECIPE, LENET_BASE, LENET_GSM, RunOptions, gsm_config
 from gsm.pipeline import gsm_stage, retrain_stage
@@ -29,9 +29,10 @@ def run_lottery(config: LotteryConfig) -> Dict[str, str]:
     device = torch.device(opts.device)
     base_config = LENET_BASE.scaled(opts.scale)
     gsm_train_config = gsm_config(LENET_GSM[config.recipe], config.ratio).scaled(opts.scale)
+    channels_last = trains_channels_last(config.net, device)
     train_loader, test_loader = dataset.build_loaders(
         MODEL_DATASETS[config.net], base_config.batch_size, device, seed=opts.seed,
-        root=opts.data_root or None)
+        root=opts.data_root or None, channels_last=channels_last)
     loaders = (train_loader, test_loader)
     common = {"model": config.net, "seed": opts.seed}
     folders = {
@@ -43,6 +44,8 @@ def run_lottery(config: LotteryConfig) -> Dict[str, str]:
     # 1. Base: Xavier init (seeded), trained once per network and shared by every ratio.
     torch.manual_seed(opts.seed)
     model = build_model(config.net).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_stage(model, folders["base"], base_config, *loaders, progress=opts.progress,
                 stage_config={"stage": "base", **common, "train": base_config.to_dict()})
     # Checked against the model now, so that a damaged init.hdf5 stops the run before the GSM stage trains.

@@ -5,7 +5,7 @@ from typing import Dict, Optional
 import torch
 
 import dataset
-from base_model import MODEL_DATASETS, build_model
+from base_model import MODEL_DATASETS, build_model, trains_channels_last
 from gsm import exp_layout
 from gsm.experiment_config import RC_BASE, RC_GSM, RunOptions, gsm_config
 from gsm.multi_gpu import init_process, shutdown, wrap_model
@@ -39,19 +39,19 @@ def run_resnet(config: ResNetConfig) -> Dict[str, str]:
 def _run(config: ResNetConfig, context) -> Dict[str, str]:
     opts = config.options
     device = context.device
-    fast = device.type == "cuda"  # channels_last pays off with cuDNN; on CPU the default layout is faster
+    channels_last = trains_channels_last(config.arch, device)
     base_config = RC_BASE.scaled(opts.scale)
     gsm_train_config = gsm_config(RC_GSM, config.ratio).scaled(opts.scale)
     train_loader, test_loader = dataset.build_loaders(
         MODEL_DATASETS[config.arch], base_config.batch_size, device, seed=opts.seed,
-        root=opts.data_root or None, rank=context.rank, world_size=context.world_size, channels_last=fast)
+        root=opts.data_root or None, rank=context.rank, world_size=context.world_size, channels_last=channels_last)
     folders = {"base": exp_layout.rc_base_dir(opts.out_root, config.arch),
                "gsm": exp_layout.rc_gsm_dir(opts.out_root, config.arch, config.ratio)}
     common = {"model": config.arch, "seed": opts.seed}
 
     torch.manual_seed(opts.seed)
     plain = build_model(config.arch).to(device)
-    if fast:
+    if channels_last:
         plain = plain.to(memory_format=torch.channels_last)
     model = plain if config.compile is None else torch.compile(plain, mode=config.compile)
     model = wrap_model(model, context)

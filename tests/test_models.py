@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from base_model import MODEL_NAMES, build_model
+from base_model import MODEL_NAMES, build_model, trains_channels_last
 
 KEYS_FILE = Path(__file__).resolve().parent / "original-state-dict-keys.txt"
 RELEASED_MODELS = ("lenet300", "lenet5", "rc56")
@@ -163,3 +163,27 @@ def test_build_model_is_fresh_each_call():
     c = build_model("lenet300")
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert not torch.equal(a.linear1.weight, c.linear1.weight)
+
+
+def test_channels_last_lenet5_computes_what_the_default_layout_computes():
+    """LeNet-5 trains in channels_last (on the CPU too): a layout, not another model. The same weights give
+    the same logits and gradients as in the default layout, up to float rounding."""
+    assert trains_channels_last("lenet5", "cpu") and trains_channels_last("rc56", "cuda")
+    assert not trains_channels_last("lenet300", "cuda") and not trains_channels_last("rc56", "cpu")
+    torch.manual_seed(0)
+    plain = build_model("lenet5")
+    fast = build_model("lenet5")
+    fast.load_state_dict(plain.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(16) % 10
+    outputs = []
+    for model, images in ((plain, x), (fast, x.contiguous(memory_format=torch.channels_last))):
+        logits = model(images)
+        nn.functional.cross_entropy(logits, y).backward()
+        outputs.append((logits.detach(), {k: p.grad for k, p in model.named_parameters()}))
+    (plain_logits, plain_grads), (fast_logits, fast_grads) = outputs
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-5, atol=1e-6)
+    for key, grad in plain_grads.items():  # summed in another order: compared to the gradient's scale
+        assert float((fast_grads[key] - grad).abs().max()) <= 1e-5 * float(grad.abs().max()), key
+    assert fast.stem.conv2.weight.grad.is_contiguous(memory_format=torch.channels_last)

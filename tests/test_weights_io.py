@@ -61,6 +61,23 @@ def test_round_trip(tmp_path, name):
         assert sum(k.endswith("num_batches_tracked") for k in loaded) == 57
 
 
+def test_channels_last_weights_are_stored_in_the_logical_layout(tmp_path):
+    """The convolutional models train in channels_last; their files hold the same arrays as a contiguous
+    model's (the released code's layout), and loading keeps the model's own layout."""
+    model = trained_looking("lenet5", seed=1)
+    fast = trained_looking("lenet5", seed=1).to(memory_format=torch.channels_last)
+    assert not fast.stem.conv2.weight.is_contiguous()
+    save_hdf5(model, tmp_path / "plain.hdf5")
+    save_hdf5(fast, tmp_path / "fast.hdf5")
+    plain_arrays, fast_arrays = read_hdf5(tmp_path / "plain.hdf5"), read_hdf5(tmp_path / "fast.hdf5")
+    for key, array in plain_arrays.items():
+        assert np.array_equal(fast_arrays[key], array), key
+    target = build_model("lenet5").to(memory_format=torch.channels_last)
+    load_hdf5(target, tmp_path / "plain.hdf5")
+    assert target.stem.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(target.stem.conv2.weight, model.stem.conv2.weight)
+
+
 def test_slash_in_key_is_stored_as_plus(tmp_path):
     tensors = {"stage1/block0/conv.weight": torch.ones(2, 3), "linear.bias": torch.arange(4, dtype=torch.float32),
                "count": torch.tensor(5, dtype=torch.int64)}
