@@ -33,6 +33,7 @@ def trains_channels_last(name: str, device: Union[str, torch.device]) -> bool:
         return False
     return name == "lenet5" or torch.device(device).type == "cuda"
 
+
 def init_weights(model: nn.Module) -> None:
     """The released code's initialisation: Xavier-uniform for every weight of dim > 1, zero biases,
     BatchNorm weight 1 and bias 0."""
@@ -55,5 +56,5 @@ def build_model(name: str) -> nn.Module:
     return model
 
 
-__all__ = ["build_model", "init_weights", "MODEL_NAMES", "MODEL_DATASETS", "trains_channels_last", "LeNet300", "LeNet5",
-           "CifarResNet"]
+__all__ = ["build_model", "init_weights", "trains_channels_last", "MODEL_NAMES", "MODEL_DATASETS", "LeNet300",
+           "LeNet5", "CifarResNet"]

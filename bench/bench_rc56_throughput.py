@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 import dataset
-from base_model import build_model
+from base_model import build_model, trains_channels_last
 from gsm.experiment_config import RC_BASE, RC_GSM, gsm_config
 from gsm.lr_schedule import learning_rate
 from gsm.trainer import build_optimizer, evaluate, train_epoch
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     args.iters = args.iters or (300 if device.type == "cuda" else 15)
-    compare_gsm_sgd(args, device, channels_last=device.type == "cuda")
+    compare_gsm_sgd(args, device, channels_last=trains_channels_last("rc56", device))  # as gsm_rc56.py does
     if device.type == "cuda":
         project_full_experiment(args, device)
 
