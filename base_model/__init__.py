@@ -25,10 +25,11 @@ MODEL_DATASETS = {name: ("mnist" if name.startswith("lenet") else "cifar10") for
 
 def trains_channels_last(name: str, device: Union[str, torch.device]) -> bool:
     """Whether model `name` trains with weights and images in the channels_last memory layout on `device`.
-    On a 2-core CPU (oneDNN), LeNet-5 iterations run 1.7x as fast in it, with gradients as close to float64
-    as in the default layout; ResNets run 1.3x as fast, but channels_last BatchNorm moves rc20's gradients
-    about 10x further from float64, so on the CPU they keep the default layout. On GPUs the convolutional
-    models use it: cuDNN's fastest convolution kernels are channels_last. LeNet-300-100 has no convolutions."""
+    Measured on a 2-core CPU (oneDNN; `python bench/bench_layout.py`): LeNet-5 iterations run 1.5x as fast
+    in it, with gradients as close to float64 as in the default layout; ResNet-56 runs 1.2 to 1.3x as fast, but
+    channels_last BatchNorm is less precise there (rc20's gradients end up about 80x further from float64),
+    so on the CPU the ResNets keep the default layout. On GPUs the convolutional models use it: cuDNN's
+    fastest convolution kernels are channels_last. LeNet-300-100 has no convolutions."""
     if name == "lenet300":
         return False
     return name == "lenet5" or torch.device(device).type == "cuda"

@@ -3,7 +3,7 @@ in the default layout against channels_last, measured side by side on copies of 
 each layout's gradients are from a float64 computation of the same batch. The scripts train a model in
 channels_last where `base_model.trains_channels_last` says so; this bench shows why.
 
-    python bench/bench_layout.py                       # lenet5 and rc56 on cpu (or cuda when present)
+    python bench/bench_layout.py                       # lenet5, rc20 and rc56 on cpu (or cuda when present)
     python bench/bench_layout.py --models lenet5 --iters 40
 """
 import argparse
@@ -79,7 +79,7 @@ def bench_model(name: str, device: torch.device, iters: int, warmup: int) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", choices=sorted(SETUPS), default=["lenet5", "rc56"])
+    parser.add_argument("--models", nargs="+", choices=sorted(SETUPS), default=["lenet5", "rc20", "rc56"])
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per layout (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed iterations first (default: %(default)s)")
     args = parser.parse_args()
