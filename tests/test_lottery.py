@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import gsm
+import gsm.lottery
+import gsm.pipeline
 from gsm import GSM, exp_layout
 from gsm.cli import run_main
 from gsm.experiment_config import RunOptions
@@ -223,8 +225,20 @@ def test_lenet5_lottery_end_to_end(tmp_path, mnist_root, monkeypatch, capsys, si
     # In process through the script's main (the lenet5 script's own process is run in script_failures).
     out_root = tmp_path / "out"
     monkeypatch.setenv("MNIST_PATH", str(mnist_root))
+    layouts = []  # every stage trains LeNet-5 in channels_last, on its images in that layout
+    original_train_stage = gsm.pipeline.train_stage
+
+    def recording_train_stage(model, folder, config, train_loader, *args, **kwargs):
+        images, _ = next(iter(train_loader))
+        layouts.append((model.stem.conv2.weight.is_contiguous(memory_format=torch.channels_last),
+                        train_loader.channels_last, images.is_contiguous(memory_format=torch.channels_last)))
+        return original_train_stage(model, folder, config, train_loader, *args, **kwargs)
+
+    for module in (gsm.lottery, gsm.pipeline):
+        monkeypatch.setattr(module, "train_stage", recording_train_stage)
     status, out, err = call_script("lenet5", ["125", *SMOKE, "--out-root", out_root], monkeypatch, capsys)
     assert status == 0, err
+    assert layouts == [(True, True, True)] * 4  # base, GSM, the two retrains
     assert "hard-pruned model: kept 3444 of 430500" in out
     assert sorted(p.name for p in exps(out_root).iterdir()) == sorted(folder_names("lenet5", 125).values())
     check_lottery_folders(out_root, "lenet5", 125)
