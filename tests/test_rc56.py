@@ -83,6 +83,7 @@ def test_compiled_training_matches_eager_training(tmp_path):
     for name, extra in runs.items():
         result = run_script(*common, *extra, "--out-root", str(tmp_path / name), cwd=tmp_path)
         assert result.returncode == 0, (name, result.stderr[-3000:])
+
     def base_weights(name, file_name):
         return read_hdf5(tmp_path / name / "gsm_exps" / "rc20_base_train" / file_name)
 
