@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from base_model import build_model, trains_channels_last
+from bench_gsm_step import synchronize  # bench/ is on sys.path when a bench runs
 
 # model: (batch, input shape without the batch): the experiments' batch sizes.
 SETUPS: Dict[str, Tuple[int, Tuple[int, ...]]] = {
@@ -24,11 +25,6 @@ SETUPS: Dict[str, Tuple[int, Tuple[int, ...]]] = {
     "rc56": (64, (3, 32, 32)),
 }
 LAYOUTS = {"default": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def gradient_error(model: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor,

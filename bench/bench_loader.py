@@ -24,11 +24,7 @@ from torch import Tensor, nn
 
 import dataset  # the project is installed editable (requirements.txt), so no sys.path editing
 from base_model import build_model
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench_gsm_step import synchronize  # bench/ is on sys.path when a bench runs
 
 
 def make_step(model: nn.Module, lr: float, momentum: float) -> Callable[[Tensor, Tensor], None]:
