@@ -9,6 +9,7 @@ from typing import Callable, List, Optional
 import torch
 
 from base_model import build_model
+from gsm.denormals import flush_denormals
 from gsm.experiment_config import RunOptions
 from gsm.pruning import prunable_parameters
 from gsm.selection import keep_count
@@ -94,6 +95,8 @@ def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
     from gsm.weights_io import WeightsFileError
 
     prog = os.path.basename(sys.argv[0]) or "gsm"
+    # Before any training: late GSM weights make subnormal products, which x86 computes many times slower.
+    flush_denormals()
     try:
         return main(argv)
     except (DatasetError, CheckpointError, StageConfigMismatch, TrainingDiverged, WeightsFileError) as exc:

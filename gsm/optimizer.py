@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gsm.denormals import flush_denormals
 from gsm.selection import GlobalSelection, keep_count
 
 
@@ -38,6 +39,11 @@ class GSM(Optimizer):
         weight_decay: L2 penalty :math:`\lambda`.
         nesterov: use Nesterov momentum.
 
+    On the CPU the constructor turns on flush-to-zero for subnormal floats on every thread of torch
+    (:func:`gsm.flush_denormals`): the passive weights decay towards 1e-35, and x86 processors compute the
+    subnormal products they make many times slower; flushing changes only values below 1.2e-38. Training
+    with another optimizer on the same weights (a ticket's retrain with SGD) gains from it too.
+
     After each step, ``last_threshold`` holds :math:`\tau` (a 0-d tensor; ``None`` when every element was
     active) and ``num_active`` the number of prunable elements that received gradients (reading it
     synchronises with the device).
@@ -58,6 +64,8 @@ class GSM(Optimizer):
         self._last_num_ranked = 0
         self._selection = GlobalSelection()
         super().__init__(params, defaults)
+        if any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
+            flush_denormals()
 
     @staticmethod
     def _check_hyperparameters(group: Dict[str, Any]) -> None:

@@ -1,0 +1,94 @@
+"""Flush-to-zero of subnormal floats on every CPU thread: checked by behaviour in fresh processes with two
+threads (the flag is per thread, and the rest of the suite runs single-threaded)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gsm.denormals import subnormal_products_flushed
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _has_flush_mode() -> bool:
+    """Whether this processor can flush subnormals at all (x86 with SSE3); restores the mode it found."""
+    code = "import torch; print(torch.set_flush_denormal(True))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.strip() == "True"
+
+
+pytestmark = pytest.mark.skipif(not _has_flush_mode(), reason="the processor has no flush-to-zero mode")
+
+# Runs first in every child: start torch's OpenMP pool on two threads, as a user's code does long before it
+# builds an optimizer (weight initialisation, data preparation).
+_START_POOL = """
+import torch
+torch.set_num_threads(2)
+torch.full((1 << 20,), 1.0).mul_(2.0)
+from gsm.denormals import subnormal_products_flushed
+"""
+
+
+def _run_two_threads(body: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "-c", _START_POOL + textwrap.dedent(body)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_set_flush_denormal_alone_misses_the_running_pool():
+    # The hazard the module exists for: the flag is per thread, so half of the probe stays subnormal.
+    out = _run_two_threads("""
+        print(subnormal_products_flushed(), torch.set_flush_denormal(True), subnormal_products_flushed())
+    """)
+    assert out == "False True False"
+
+
+def test_flush_denormals_reaches_every_thread_of_a_running_pool():
+    out = _run_two_threads("""
+        import gsm
+        tiny = torch.full((1 << 20,), 1e-30)
+        print(gsm.flush_denormals(), subnormal_products_flushed(), int(torch.count_nonzero(tiny * 1e-10)))
+    """)
+    assert out == "True True 0"
+
+
+def test_gsm_on_cpu_parameters_flushes_every_thread():
+    # A user who only builds the optimizer gets the mode; a late GSM state (passive weights near 1e-37 and
+    # their momentum) then never holds a subnormal weight or buffer.
+    out = _run_two_threads("""
+        from gsm import GSM
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(256, 256) * 1e-36)
+        optimizer = GSM([weight], lr=0.1, momentum=0.99, weight_decay=5e-4, nonzero_ratio=0.01)
+        for _ in range(30):
+            weight.grad = torch.randn(256, 256)
+            optimizer.step()
+        def subnormals(t):
+            return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+        buffer = optimizer.state[weight]["momentum_buffer"]
+        print(subnormal_products_flushed(), subnormals(weight), subnormals(buffer))
+    """)
+    assert out == "True 0 0"
+
+
+@pytest.mark.parametrize("argv, pipeline", [(["gsm/gsm_lottery_ticket_lenet300.py", "60"], "gsm.lottery.run_lottery"),
+                                            (["gsm/gsm_rc56.py"], "gsm.rc56.run_resnet")])
+def test_scripts_flush_at_start_up(argv, pipeline):
+    # The script's own __main__, with its pipeline replaced by the probe: what the training would start with.
+    module, name = pipeline.rsplit(".", 1)
+    out = _run_two_threads(f"""
+        import importlib, runpy, sys
+        before = subnormal_products_flushed()
+        setattr(importlib.import_module("{module}"), "{name}", lambda config: print(before, subnormal_products_flushed()))
+        sys.argv = {argv + ["--device", "cpu"]!r}
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as exc:
+            print("exit", exc.code)
+    """)
+    assert out.split() == ["False", "True", "exit", "0"]
