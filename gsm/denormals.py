@@ -26,13 +26,14 @@ _PROBE_ELEMENTS_PER_THREAD = 4 * 32768
 _PROBE_FACTORS = (1e-30, 1e-10)
 
 
-def subnormal_products_flushed(num_threads: Optional[int] = None) -> bool:
-    """Whether a float32 product whose result would be subnormal comes out as zero on every thread of torch's
-    CPU pool: an elementwise multiply large enough to be split over all `num_threads` (default: torch's
-    intra-op thread count) threads."""
+def subnormal_products_flushed(num_threads: Optional[int] = None) -> Optional[bool]:
+    """Whether a float32 product whose result would be subnormal comes out as zero on the threads of torch's
+    CPU pool: True on every one, False on none, None on some only. The probe is an elementwise multiply large
+    enough to be split over all `num_threads` (default: torch's intra-op thread count) threads."""
     threads = num_threads or torch.get_num_threads()
     small = torch.full((threads * _PROBE_ELEMENTS_PER_THREAD,), _PROBE_FACTORS[0], dtype=torch.float32)
-    return not bool(torch.mul(small, _PROBE_FACTORS[1]).any())
+    zeros = int((torch.mul(small, _PROBE_FACTORS[1]) == 0).sum())
+    return True if zeros == small.numel() else False if zeros == 0 else None
 
 
 def _openmp_runtime() -> Optional[ctypes.CDLL]:
@@ -64,6 +65,21 @@ def _restart_thread_pool() -> bool:
     return runtime.omp_pause_resource_all(omp_pause_soft) == 0
 
 
+def set_flush_denormals(enabled: bool) -> bool:
+    """Turn flush-to-zero of subnormal floats (x86 FTZ and DAZ) on or off on every CPU thread of torch, and
+    check it. Returns whether every thread now has the mode requested; False also when the processor has no
+    such mode (turning it off then trivially succeeds)."""
+    if not torch.set_flush_denormal(enabled):
+        return not enabled
+    if subnormal_products_flushed() is enabled or (_restart_thread_pool() and subnormal_products_flushed() is enabled):
+        return True
+    if enabled:
+        warnings.warn("subnormal floats are flushed to zero on this thread but not on every thread of torch's CPU "
+                      "pool, so late GSM training may run several times slower on x86; call "
+                      "gsm.flush_denormals() before any other torch computation", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def flush_denormals() -> bool:
     """Make every CPU thread of torch flush subnormal floats to zero (x86 FTZ and DAZ), and check it.
 
@@ -74,11 +90,4 @@ def flush_denormals() -> bool:
     then call it before any other torch computation. The experiment scripts call it at start-up, and `GSM`
     when it optimises CPU parameters.
     """
-    if not torch.set_flush_denormal(True):
-        return False
-    if subnormal_products_flushed() or (_restart_thread_pool() and subnormal_products_flushed()):
-        return True
-    warnings.warn("subnormal floats are flushed to zero on this thread but not on every thread of torch's CPU "
-                  "pool, so late GSM training may run several times slower on x86; call "
-                  "gsm.flush_denormals() before any other torch computation", RuntimeWarning, stacklevel=2)
-    return False
+    return set_flush_denormals(True)

@@ -1,12 +1,17 @@
 """The Global Sparse Momentum SGD optimizer."""
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from gsm.denormals import flush_denormals
-from gsm.selection import GlobalSelection, keep_count
+from gsm.selection import GlobalSelection, Selection, flat_array, keep_count
+
+
+def _detached(tensors: List[Tensor]) -> List[Tensor]:
+    return [t.detach() for t in tensors]
 
 
 class GSM(Optimizer):
@@ -28,6 +33,12 @@ class GSM(Optimizer):
     model is hard-pruned to the Q largest magnitudes. The metric uses the loss gradient before weight decay
     because it estimates how much the loss would change if the weight were removed (first-order Taylor),
     which weight decay does not affect. With ``nonzero_ratio=1`` this is exactly ``torch.optim.SGD``.
+
+    On GPUs the masked update uses ``torch.optim.SGD``'s arithmetic on :math:`d`. For float32 CPU tensors it
+    touches the loss gradient only at the Q active positions and adds the decay and momentum terms in
+    whole-tensor operations (:math:`b \leftarrow \beta b + \lambda w`, then :math:`b_M \mathrel{+}= g_M`;
+    Nesterov: :math:`w \leftarrow (1 - \eta\lambda) w - \eta\beta b`, then :math:`w_M \mathrel{-}= \eta g_M`),
+    the same update up to float rounding without a pass over all elements to build :math:`d`.
 
     Args:
         params: parameters or param groups; a group may set ``lr``, ``momentum``, ``weight_decay``,
@@ -60,7 +71,7 @@ class GSM(Optimizer):
         self._check_hyperparameters(defaults)
         self.nonzero_ratio = nonzero_ratio
         self.last_threshold: Optional[Tensor] = None
-        self._last_mask: Optional[Tensor] = None
+        self._last_selection: Optional[Selection] = None
         self._last_num_ranked = 0
         self._selection = GlobalSelection()
         super().__init__(params, defaults)
@@ -102,24 +113,25 @@ class GSM(Optimizer):
     @property
     def num_active(self) -> int:
         """How many prunable elements received loss gradients in the last step."""
-        if self._last_mask is None:
+        if self._last_selection is None:
             return self._last_num_ranked
-        return int(self._last_mask.sum())
+        return self._last_selection.num_active
 
-    def _select(self) -> Dict[Tensor, Tensor]:
-        """Rank the prunable elements that have gradients; return {param: masked loss gradient} for those
-        masked (new tensors, which the update may change in place)."""
+    def _select(self) -> Dict[Tensor, Union[np.ndarray, Tensor]]:
+        """Rank the prunable elements that have gradients; return, for each masked parameter, the positions of
+        its active elements (host path) or its masked gradient mask * g (a new tensor)."""
         ranked = [p for g in self.param_groups for p in g["params"]
                   if p.grad is not None and self.is_prunable(g, p)]
         self._last_num_ranked = sum(p.numel() for p in ranked)
-        self.last_threshold, self._last_mask = None, None
+        self.last_threshold, self._last_selection = None, None
         q = self.keep_count
         if not ranked or q >= self._last_num_ranked:
             return {}
         if any(p.grad.is_sparse for p in ranked):
             raise RuntimeError("GSM does not support sparse gradients")
-        self.last_threshold, self._last_mask, directions = self._selection(ranked, [p.grad for p in ranked], q)
-        return dict(zip(ranked, directions))
+        selection = self._selection(_detached(ranked), [p.grad for p in ranked], q)
+        self._last_selection, self.last_threshold = selection, selection.threshold
+        return dict(zip(ranked, selection.positions if selection.positions is not None else selection.masked_grads))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -128,28 +140,37 @@ class GSM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        masked = self._select()
+        selected = self._select()
         for group in self.param_groups:
             params: List[Tensor] = []
             directions: List[Tensor] = []
             owned: List[bool] = []  # whether a direction is this step's own tensor (not p.grad)
+            sparse_params: List[Tensor] = []
+            actives: List[np.ndarray] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("GSM does not support sparse gradients")
+                chosen = selected.get(p)
+                if isinstance(chosen, np.ndarray):
+                    sparse_params.append(p)
+                    actives.append(chosen)
+                    continue
                 params.append(p)
-                direction = masked.get(p)
-                directions.append(p.grad if direction is None else direction)
-                owned.append(direction is not None)
+                directions.append(p.grad if chosen is None else chosen)
+                owned.append(chosen is not None)
             if params:
                 self._update(group, params, directions, owned)
+            if sparse_params:
+                self._update_active(group, sparse_params, actives)
         return loss
 
     def _update(self, group: Dict[str, Any], params: List[Tensor], directions: List[Tensor],
                 owned: List[bool]) -> None:
-        """The momentum-SGD update of `params` along `directions` (the masked loss gradients); `owned`
-        directions may be updated in place, the others are the parameters' gradients and are left alone."""
+        """The momentum-SGD update of `params` along `directions` (the loss gradients, masked or not), in
+        torch.optim.SGD's arithmetic; `owned` directions may be updated in place, the others are the
+        parameters' gradients and are left alone."""
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if weight_decay != 0.0:
             # d = mask * g + wd * w, in place where d is already a new tensor (the masked gradient).
@@ -186,3 +207,48 @@ class GSM(Optimizer):
             else:
                 directions = buffers
         torch._foreach_add_(params, directions, alpha=-lr)
+
+    def _update_active(self, group: Dict[str, Any], params: List[Tensor], actives: List[np.ndarray]) -> None:
+        """The same update for float32 CPU parameters whose loss gradients reach only the elements at
+        `actives` (positions in each tensor's memory order): the decay and momentum terms in whole-tensor
+        operations, the gradient at those positions alone, so that no pass over all elements builds
+        d = mask * g + wd * w. Equal to `_update` up to float rounding:
+            buf = momentum * buf + wd * w;  buf[active] += g[active]
+            w = (1 - lr * wd) * w - lr * momentum * buf;  w[active] -= lr * g[active]     (Nesterov)
+            w -= lr * buf                                                                    (plain momentum)
+        """
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [flat_array(p.grad)[active] for p, active in zip(params, actives)]
+        if momentum != 0.0:
+            buffers = [self._momentum_buffer_like(p, weight_decay) for p in params]
+            old = [(p, buf) for p, buf in zip(params, buffers) if buf is not None]
+            if old:  # buf = momentum * buf + wd * w
+                torch._foreach_mul_([buf for _, buf in old], momentum)
+                if weight_decay != 0.0:
+                    torch._foreach_add_([buf for _, buf in old], [p for p, _ in old], alpha=weight_decay)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            for buf, active, grad in zip(buffers, actives, grads):
+                flat_array(buf)[active] += grad
+            if not group["nesterov"]:
+                torch._foreach_add_(params, buffers, alpha=-lr)
+                return
+            if weight_decay != 0.0:
+                torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+            torch._foreach_add_(params, buffers, alpha=-lr * momentum)
+        elif weight_decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        step = np.float32(lr)
+        for p, active, grad in zip(params, actives, grads):
+            flat_array(p)[active] -= step * grad
+
+    def _momentum_buffer_like(self, p: Tensor, weight_decay: float) -> Optional[Tensor]:
+        """p's momentum buffer, stored like p (a buffer loaded in another memory layout is copied into p's);
+        None when p has none yet, after creating it as wd * w (the first step's buffer is d itself)."""
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            state["momentum_buffer"] = torch.mul(p, weight_decay) if weight_decay else torch.zeros_like(p)
+            return None
+        if buf.stride() != p.stride():
+            buf = state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+        return buf

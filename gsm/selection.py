@@ -1,6 +1,6 @@
-"""GSM's selection: the metric |w * g|, its exact global Q-th largest value, and the active mask."""
+"""GSM's selection: the metric |w * g|, its exact global Q-th largest value, and the masked gradients."""
 from collections import deque
-from typing import Deque, List, Optional, Sequence, Tuple
+from typing import Deque, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,98 +19,63 @@ def on_host(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _numpy_view(values: Tensor) -> Optional[np.ndarray]:
-    """A zero-copy numpy view of a contiguous float32 host tensor, else None. numpy's vectorised comparisons
-    and boolean selection run several times faster than torch's on arrays of this size (10^5 to 10^6)."""
-    if on_host(values) and values.dtype == torch.float32 and values.is_contiguous():
-        return values.detach().numpy()
-    return None
+def top_positions(values: np.ndarray, k: int, bounds: Sequence[float] = ()) -> Tuple[np.float32, np.ndarray, int]:
+    """The exact k-th largest element tau of the 1-D float32 array `values` (1 <= k <= size) and the sorted
+    positions of every element >= tau (ties at tau included, so k or more).
 
-
-def at_least(values: Tensor, threshold) -> Tensor:
-    """The bool tensor `values >= threshold`."""
-    array = _numpy_view(values)
-    if array is not None:
-        return torch.from_numpy(array >= float(threshold))
-    return values >= threshold
-
-
-def elements_at_least(values: Tensor, threshold) -> Tensor:
-    """The elements of `values` that are >= threshold, in order, as a 1-D tensor."""
-    array = _numpy_view(values)
-    if array is not None:
-        return torch.from_numpy(np.compress(array >= float(threshold), array))
-    return values[values >= threshold]
-
-
-def masked(grad: Tensor, mask: Tensor) -> Tensor:
-    """mask * grad as a new tensor (the masked loss gradient of DESIGN 1)."""
-    grad_array, mask_array = _numpy_view(grad), (mask.numpy() if on_host(mask) else None)
-    if grad_array is not None and mask_array is not None:
-        return torch.from_numpy(grad_array * mask_array)
-    return grad * mask
-
-
-def kth_largest(values: Tensor, k: int, lower_bound: Optional[float] = None) -> Tuple[Tensor, int]:
-    """The exact k-th largest element of the 1-D tensor `values` (1 <= k <= numel), as a 0-d tensor.
-
-    With a `lower_bound`, only the elements >= lower_bound are searched when there are at least k of them:
-    then the k-th largest of all lies among them, so the answer is the same as a full search, only cheaper.
-    Returns the value and the number of candidates searched (numel for a full search).
+    Each of `bounds` is tried in turn: when at least k elements are >= it, tau lies among them and every element
+    >= tau is one of them, so only they are searched and the answer is that of a full search, only cheaper (a
+    vectorised comparison over `values`, then work on the candidates alone). When no bound admits k elements,
+    everything is searched. Returns (tau, positions, the number of candidates searched: size for everything).
     """
-    n = values.numel()
+    n = values.size
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if lower_bound is not None:
-        candidates = elements_at_least(values, lower_bound)
-        count = candidates.numel()
-        if count >= k:
-            return _kth_largest_full(candidates, k), count
-    return _kth_largest_full(values, k), n
+    for bound in bounds:
+        positions = np.flatnonzero(values >= bound)
+        if positions.size >= k:
+            candidates = values[positions]
+            tau = np.partition(candidates, positions.size - k)[positions.size - k]
+            return tau, positions[candidates >= tau], positions.size
+    tau = np.partition(values, n - k)[n - k]
+    return tau, np.flatnonzero(values >= tau), n
 
 
-def _kth_largest_full(values: Tensor, k: int) -> Tensor:
-    n = values.numel()
-    array = _numpy_view(values)
-    if array is not None and n <= 65536:
-        # A small candidate set: numpy's single-threaded introselect beats waking torch's thread pool.
-        partitioned = np.partition(array, n - k)
-        return torch.from_numpy(partitioned[n - k:n - k + 1]).reshape(())  # a 0-d view, no copy
-    # topk is the faster selection for a small k; kthvalue (quickselect) for a large one.
-    if not on_host(values) or 32 * k <= n:
-        return values.topk(k, sorted=False).values.min()
-    return values.kthvalue(n - k + 1).values
+class ThresholdSearch:
+    """`top_positions` step after step, bounded by the previous thresholds (the host path).
 
-
-class ThresholdFinder:
-    """Finds the exact k-th largest metric each iteration, using the previous threshold as a search hint.
-
-    On the CPU only the elements >= `previous threshold * safety * r` are searched, r being the second
-    smallest ratio of consecutive thresholds in the last `history` iterations: the bound follows how far the
-    threshold has actually fallen from one iteration to the next (one outlier does not widen it for long),
-    so the candidate set stays small and a hint that proves too high (fewer than k candidates, about 2% of
-    iterations in GSM training of LeNet-300-100) is rare; it then falls back to the full search. The result
-    never depends on the hint. On accelerators the full `topk` runs instead, without a host synchronisation.
+    The bound is `previous threshold * safety * r`, r being the second smallest ratio of consecutive thresholds
+    in the last `history` steps: it follows how far the threshold has actually fallen from one step to the next
+    (one outlier does not widen it for long), so the candidates stay few (1.1 to 2.4 Q in GSM training of
+    LeNet-300-100). When the threshold falls further (about 3% of steps), fewer than k elements pass the bound
+    and the search is retried from a bound `retry` times lower before it searches everything. The result never
+    depends on the bound; `last_searched` is the candidate count of the last successful search (for tests).
     """
 
-    def __init__(self, history: int = 64, safety: float = 0.9) -> None:
+    def __init__(self, history: int = 64, safety: float = 0.9, retry: float = 0.25) -> None:
         self.safety = safety
+        self.retry = retry
+        self.last_searched = 0
         self._previous: Optional[float] = None
         self._ratios: Deque[float] = deque(maxlen=history)
 
-    def __call__(self, values: Tensor, k: int) -> Tensor:
-        if not on_host(values):
-            return _kth_largest_full(values, k)
-        hint = None
-        if self._previous:  # None or 0 (a zero threshold bounds nothing)
-            ratios = sorted(self._ratios) or [0.5]
-            hint = self._previous * self.safety * ratios[min(1, len(ratios) - 1)]
-        threshold, _ = kth_largest(values, k, hint)
-        current = float(threshold)
+    def bound(self) -> Optional[float]:
+        """The lower bound for the next search (None before the first one and after a zero threshold)."""
+        if not self._previous:
+            return None
+        ratios = sorted(self._ratios) or [0.5]
+        return self._previous * self.safety * ratios[min(1, len(ratios) - 1)]
+
+    def __call__(self, values: np.ndarray, k: int) -> Tuple[np.float32, np.ndarray]:
+        """(tau, sorted positions of the elements >= tau) of the float32 array `values`."""
+        bound = self.bound()
+        tau, positions, searched = top_positions(values, k, () if bound is None else (bound, bound * self.retry))
+        current = float(tau)
         if self._previous:
             self._ratios.append(min(1.0, current / self._previous))
         self._previous = current
-        return threshold
+        self.last_searched = searched
+        return tau, positions
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -165,7 +130,7 @@ def _without_autograd(tensors: Sequence[Tensor]) -> List[Tensor]:
 
 
 def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: Sequence[Tensor]) -> None:
-    """|w * g| of every tensor into its segment of the flat metric (the segments must cover it)."""
+    """w * g of every tensor into its segment of the flat metric (the segments must cover it)."""
     params = _without_autograd(params)
     if on_host(segments[0]):
         for p, g, segment in zip(params, grads, segments):
@@ -184,67 +149,100 @@ def split_flat(flat: Tensor, like: Sequence[Tensor], grads: Sequence[Tensor]) ->
     return FlatLayout(like, grads).views(flat)
 
 
-class GlobalSelection:
-    """DESIGN 1's selection, step after step, for a list of prunable tensors and their loss gradients:
-    the metric |w * g| in one flat vector, its exact k-th largest value tau (see ThresholdFinder), the mask
-    metric >= tau, and the masked gradients mask * g.
+class Selection(NamedTuple):
+    """One step's selection. `threshold`: tau, a 0-d tensor (None when k == 0). Host path: `positions`, per
+    tensor the sorted positions of its active elements in its memory order (numpy int64), and `active` their
+    count. Generic path: `masked_grads`, mask * g per tensor (new tensors, which the update may change in place),
+    and `active` the flat bool mask, counted only when asked (counting waits for the device)."""
+    threshold: Optional[Tensor]
+    active: Union[int, Tensor]
+    positions: Optional[List[np.ndarray]] = None
+    masked_grads: Optional[List[Tensor]] = None
 
-    The flat buffers and their per-tensor views are kept while the tensors keep their shapes, strides and
-    dtypes, so that off the host a step is a handful of multi-tensor kernels and little Python work."""
+    @property
+    def num_active(self) -> int:
+        return self.active if isinstance(self.active, int) else int(self.active.sum())
+
+
+def flat_array(t: Tensor) -> np.ndarray:
+    """The elements of a dense float32 CPU tensor as a 1-D numpy view, in memory order (writes go to `t`)."""
+    return t.detach().numpy().ravel(order="K")
+
+
+def on_fast_host_path(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Whether the host path applies: float32 tensors in host memory, each dense and stored like its gradient
+    (contiguous, channels_last, ...), so that each tensor is one flat array in memory order."""
+    return all(on_host(p) and p.dtype == g.dtype == torch.float32 and p.stride() == g.stride() and _is_dense(p)
+               for p, g in zip(params, grads))
+
+
+class GlobalSelection:
+    """DESIGN 1's selection, step after step, for a list of prunable tensors and their loss gradients: the
+    metric |w * g| over all elements in one flat float32 vector, its exact k-th largest value tau, and which
+    elements are >= tau. The flat buffers and per-tensor views are kept while the tensors keep their shapes,
+    strides and dtypes.
+
+    Host path (float32 CPU tensors, `on_fast_host_path`): `ThresholdSearch` finds tau and the positions of the
+    active elements among a few candidates, and the result is those positions, so that no pass over all
+    elements builds or applies a mask (the optimizer touches the active elements alone). Generic path (GPUs,
+    other dtypes and layouts): `topk` for tau and a handful of multi-tensor kernels (metric, mask, conversion,
+    multiply) whatever the number of tensors, without a host synchronisation; the result is the masked
+    gradients.
+    """
 
     def __init__(self) -> None:
-        self.threshold_finder = ThresholdFinder()
+        self.search = ThresholdSearch()
         self._key: Optional[tuple] = None
         self._layout: Optional[FlatLayout] = None
         self._metric: Optional[Tensor] = None
         self._metric_views: List[Tensor] = []
+        self._offsets = np.zeros(1, dtype=np.int64)
+        self._host_path = False
         self._float_mask: Optional[Tensor] = None
         self._float_mask_views: List[Tensor] = []
 
     def _prepare(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        key = (params[0].device,) + tuple((p.shape, p.stride(), g.stride(), g.dtype) for p, g in zip(params, grads))
+        key = (params[0].device,) + tuple((p.shape, p.stride(), g.stride(), p.dtype, g.dtype)
+                                          for p, g in zip(params, grads))
         if key == self._key:
             return
         self._key = key
+        self._host_path = on_fast_host_path(params, grads)
         self._layout = FlatLayout(params, grads)
         device = params[0].device
         self._metric = torch.empty(self._layout.numel, dtype=torch.float32, device=device)
         self._metric_views = self._layout.views(self._metric)
+        self._offsets = np.array([offset for *_, offset in self._layout.segments] + [self._layout.numel])
         self._float_mask, self._float_mask_views = None, []
 
-    def _mask_views_off_host(self, grads: Sequence[Tensor]) -> Optional[List[Tensor]]:
-        """Views of a float mask buffer in the gradients' dtype, laid out like the metric, when the tensors are
-        off the host and share one dtype (else None: the mask is applied tensor by tensor)."""
-        if on_host(self._metric):
-            return None
-        if self._float_mask is None:
-            dtypes = {g.dtype for g in grads}
-            if len(dtypes) != 1:
-                return None
-            self._float_mask = torch.empty(self._layout.numel, dtype=dtypes.pop(), device=self._metric.device)
-            self._float_mask_views = self._layout.views(self._float_mask)
-        return self._float_mask_views
-
     def metric(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-        """The flat metric |w * g| (a buffer that the next call overwrites)."""
+        """The flat metric |w * g|, laid out by `FlatLayout` (a buffer that the next call overwrites)."""
         self._prepare(params, grads)
         _write_metric(params, grads, self._metric_views)
         return self._metric.abs_()
 
-    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor],
-                 k: int) -> Tuple[Optional[Tensor], Tensor, List[Tensor]]:
-        """(tau, or None when k == 0; the flat bool mask; the masked gradients as new tensors)."""
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int) -> Selection:
+        """Select the elements of `params` with the k largest |w * g| (and any tied with the k-th)."""
         metric = self.metric(params, grads)
+        if self._host_path:
+            if k == 0:
+                return Selection(None, 0, [np.empty(0, dtype=np.int64) for _ in params])
+            tau, positions = self.search(metric.numpy(), k)
+            cuts = np.searchsorted(positions, self._offsets)
+            per_tensor = [positions[lo:hi] - offset for offset, lo, hi in zip(self._offsets, cuts[:-1], cuts[1:])]
+            return Selection(torch.from_numpy(np.asarray(tau)), int(positions.size), per_tensor)
         if k == 0:
             threshold, mask = None, torch.zeros_like(metric, dtype=torch.bool)
         else:
-            threshold = self.threshold_finder(metric, k)
-            mask = at_least(metric, threshold)
-        mask_views = self._mask_views_off_host(grads)
-        if mask_views is not None:  # one conversion and one multi-tensor multiply
-            self._float_mask.copy_(mask)
-            return threshold, mask, list(torch._foreach_mul(list(grads), mask_views))
-        return threshold, mask, [masked(g, m) for g, m in zip(grads, self._layout.views(mask))]
+            threshold = metric.topk(k, sorted=False).values.min()
+            mask = metric >= threshold
+        if len({g.dtype for g in grads}) > 1:  # mixed dtypes: the mask tensor by tensor
+            return Selection(threshold, mask, masked_grads=[g * m for g, m in zip(grads, self._layout.views(mask))])
+        if self._float_mask is None:
+            self._float_mask = torch.empty(self._layout.numel, dtype=grads[0].dtype, device=metric.device)
+            self._float_mask_views = self._layout.views(self._float_mask)
+        self._float_mask.copy_(mask)  # one conversion and one multi-tensor multiply
+        return Selection(threshold, mask, masked_grads=list(torch._foreach_mul(list(grads), self._float_mask_views)))
 
 
 @torch.no_grad()
@@ -257,6 +255,5 @@ def active_masks(params: Sequence[Tensor], grads: Sequence[Tensor], nonzero_rati
         return [torch.ones_like(p, dtype=torch.bool) for p in params]
     if q == 0:
         return [torch.zeros_like(p, dtype=torch.bool) for p in params]
-    threshold, _ = kth_largest(metric, q)
-    return split_flat(at_least(metric, threshold), params, grads)
-
+    threshold = torch.sort(metric, descending=True).values[q - 1]
+    return split_flat(metric >= threshold, params, grads)

@@ -45,7 +45,7 @@ def test_set_flush_denormal_alone_misses_the_running_pool():
     out = _run_two_threads("""
         print(subnormal_products_flushed(), torch.set_flush_denormal(True), subnormal_products_flushed())
     """)
-    assert out == "False True False"
+    assert out == "False True None"  # None: flushed on some threads only
 
 
 def test_flush_denormals_reaches_every_thread_of_a_running_pool():
@@ -55,6 +55,14 @@ def test_flush_denormals_reaches_every_thread_of_a_running_pool():
         print(gsm.flush_denormals(), subnormal_products_flushed(), int(torch.count_nonzero(tiny * 1e-10)))
     """)
     assert out == "True True 0"
+
+
+def test_flushing_can_be_turned_off_again_on_every_thread():
+    out = _run_two_threads("""
+        from gsm.denormals import flush_denormals, set_flush_denormals
+        print(flush_denormals(), subnormal_products_flushed(), set_flush_denormals(False), subnormal_products_flushed())
+    """)
+    assert out == "True True True False"
 
 
 def test_gsm_on_cpu_parameters_flushes_every_thread():

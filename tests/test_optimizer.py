@@ -5,6 +5,7 @@ import copy
 import io
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gsm.selection as selection
 from base_model import build_model
 from gsm import GSM
-from gsm.selection import active_masks, keep_count, kth_largest
+from gsm.selection import active_masks, keep_count, top_positions
 
 
 # These models are tiny: one intra-op thread is fastest, and immune to a busy machine's contention.
@@ -143,17 +144,17 @@ def grouped(model: nn.Sequential, layout: str, lr: float) -> list[dict]:
 
 
 @pytest.fixture
-def search_log(monkeypatch) -> list[tuple[bool, int, int, int]]:
-    """Records (hint given, candidates searched, numel, k) of every kth_largest call the ThresholdFinder makes."""
-    calls: list[tuple[bool, int, int, int]] = []
-    original = selection.kth_largest
+def search_log(monkeypatch) -> list[tuple[int, int, int, int]]:
+    """Records (bounds given, candidates searched, numel, k) of every top_positions call of the host search."""
+    calls: list[tuple[int, int, int, int]] = []
+    original = selection.top_positions
 
-    def spy(values, k, lower_bound=None):
-        value, searched = original(values, k, lower_bound)
-        calls.append((lower_bound is not None, searched, values.numel(), k))
-        return value, searched
+    def spy(values, k, bounds=()):
+        tau, positions, searched = original(values, k, bounds)
+        calls.append((len(bounds), searched, values.size, k))
+        return tau, positions, searched
 
-    monkeypatch.setattr(selection, "kth_largest", spy)
+    monkeypatch.setattr(selection, "top_positions", spy)
     return calls
 
 
@@ -237,6 +238,7 @@ def run_against_brute_force(model: nn.Module, layout: str, nonzero_ratio: float,
     prunable = [p for g in opt.param_groups for p in g["params"] if GSM.is_prunable(g, p)]
     assert opt.keep_count == int(nonzero_ratio * sum(p.numel() for p in prunable))
     data = torch.Generator().manual_seed(100 + seed)
+    host_path = selection.on_fast_host_path([p.detach() for p in prunable], prunable)  # weights as gradients: layout
     positive_thresholds = 0  # steps after which the optimizer has a hint (a zero threshold bounds nothing)
     for step in range(steps):
         positive_thresholds += step > 0 and bool(opt.last_threshold > 0)
@@ -254,7 +256,19 @@ def run_against_brute_force(model: nn.Module, layout: str, nonzero_ratio: float,
         assert opt.num_active == brute.num_active, f"step {step}"
         assert opt.num_active >= opt.keep_count
         assert torch.equal(opt.last_threshold, brute.tau), f"step {step}"
-        assert_same_weights(model, reference)
+        if host_path:
+            # The host path adds the same terms in another order: equal up to rounding. The reference then takes
+            # the optimizer's weights and buffers, so that every step's selection is compared on equal inputs.
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name}, step {step}")
+                if momentum:
+                    torch.testing.assert_close(opt.state[p]["momentum_buffer"], brute.buffers[q], rtol=1e-5,
+                                               atol=1e-6, msg=f"{name} buffer, step {step}")
+                    brute.buffers[q] = opt.state[p]["momentum_buffer"].clone()
+                with torch.no_grad():
+                    q.copy_(p)
+        else:  # the generic path computes exactly what the brute force computes
+            assert_same_weights(model, reference)
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.isfinite(p).all()
         if momentum:
@@ -269,12 +283,11 @@ def test_matches_brute_force(seed, nonzero_ratio, momentum, weight_decay, nester
     steps = 36
     _, positive_thresholds = run_against_brute_force(
         random_model(seed), layout, nonzero_ratio, momentum, weight_decay, nesterov, seed, steps)
-    # Both paths of the threshold search ran: the hint narrowed the search, and a hint above the new
-    # threshold fell back to the full search (at the steps after the loss scale jumps).
-    # (active_masks searches without a hint; the optimizer's first step has no hint yet, nor has a
-    # step after a zero threshold.)
+    # Both paths of the threshold search ran: the bound narrowed the search, and bounds above the new
+    # threshold fell back to the full search (at the step after the loss scale drops 100x).
+    # (The optimizer's first step has no bound yet, nor has a step after a zero threshold.)
     hinted = [c for c in search_log if c[0]]
-    assert len(search_log) == 2 * steps and len(hinted) == positive_thresholds > 0
+    assert len(search_log) == steps and len(hinted) == positive_thresholds > 0
     assert any(searched < numel for _, searched, numel, _ in hinted)
     assert any(searched == numel for _, searched, numel, _ in hinted)
 
@@ -310,8 +323,8 @@ def test_both_selection_paths_match_brute_force(make_model, momentum, weight_dec
     opt, _ = run_against_brute_force(make_model(3), layout, 0.1, momentum, weight_decay, nesterov, seed=3,
                                      steps=30, device=selection_device)
     if not selection.on_host(opt.last_threshold):
-        # The optimizer searched the whole metric with topk every step, never with a hint.
-        assert not any(hinted for hinted, *_ in search_log)
+        # The optimizer searched the whole metric with topk every step, never with the host's bounded search.
+        assert not search_log
 
 
 def test_flat_metric_layouts_round_trip(selection_device):
@@ -339,11 +352,24 @@ def test_flat_metric_layouts_round_trip(selection_device):
         assert torch.equal(view, (p * g).abs())
         if selection._in_memory_order(p, g):
             assert view.stride() == p.stride()
-    # The selection's mask and masked gradients follow the same layout.
-    threshold, mask, directions = selection.GlobalSelection()(params, grads, metric.numel() // 3)
-    assert int(mask.sum()) == metric.numel() // 3  # no ties among random products
-    for d, p, g in zip(directions, params, grads):
-        assert torch.equal(d, g * ((p * g).abs() >= threshold))
+    # The selection follows the same layouts (the mixed layouts take the generic path).
+    chosen = selection.GlobalSelection()(params, grads, metric.numel() // 3)
+    assert chosen.positions is None
+    assert chosen.num_active == metric.numel() // 3  # no ties among random products
+    for d, p, g in zip(chosen.masked_grads, params, grads):
+        assert torch.equal(d, g * ((p * g).abs() >= chosen.threshold))
+
+
+def chosen_masks(chosen: selection.Selection, params: list[torch.Tensor], chooser: selection.GlobalSelection):
+    """A selection's active elements as bool masks shaped like `params`, from either path's result."""
+    if chosen.positions is None:
+        return [m for m in chooser._layout.views(chosen.active)]
+    masks = []
+    for p, positions in zip(params, chosen.positions):
+        mask = torch.zeros_like(p, dtype=torch.bool)  # the strides of p: positions are in its memory order
+        mask.numpy().ravel(order="K")[positions] = True
+        masks.append(mask)
+    return masks
 
 
 def test_selection_buffers_follow_layout_changes(selection_device):
@@ -357,31 +383,44 @@ def test_selection_buffers_follow_layout_changes(selection_device):
                            for _ in range(2))
         linear, linear_grad = (torch.randn(10, 20, generator=gen).to(selection_device) for _ in range(2))
         params, grads = [conv, linear], [conv_grad, linear_grad]
-        threshold, mask, directions = chooser(params, grads, 37)
+        chosen = chooser(params, grads, 37)
         assert chooser._layout.segments[0][1] == conv.stride()  # the conv's segment follows its layout
+        assert (chosen.positions is not None) == (selection_device == "cpu" and selection.on_host(conv))
         expected = active_masks(params, grads, 37.5 / 362)  # Q = int(37.5 / 362 * 362) = 37
-        assert int(mask.sum()) == sum(int(m.sum()) for m in expected) == 37
-        for d, g, m in zip(directions, grads, expected):
-            assert torch.equal(d, g * m)
+        assert chosen.num_active == sum(int(m.sum()) for m in expected) == 37
+        for mask, m in zip(chosen_masks(chosen, params, chooser), expected):
+            assert torch.equal(mask, m)
+        if chosen.masked_grads is not None:
+            for d, g, m in zip(chosen.masked_grads, grads, expected):
+                assert torch.equal(d, g * m)
 
 
 def test_fallback_after_threshold_drop(search_log):
-    """A metric 100x smaller than the last step's: the hint admits fewer than Q candidates, so the search
-    falls back to the whole vector and still returns the exact k-th largest."""
+    """Metrics 2x and 100x smaller than the last step's: the bound admits fewer than Q candidates; a bound 4x
+    lower catches the first drop, and the second falls back to the whole vector. Each step still finds the
+    exact k-th largest."""
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(50, 40))
     opt = GSM([w], lr=0.0, momentum=0.0, nonzero_ratio=0.05)
     base = torch.randn(50, 40)
-    for step, scale in enumerate([1.0, 1.0, 0.01, 0.01, 100.0]):
+    scales = [1.0, 1.0, 0.5, 0.5, 0.005, 0.005, 0.5]
+    for step, scale in enumerate(scales):
         w.grad = base * scale * (1 + 0.01 * step)
+        bound = opt._selection.search.bound()
         opt.step()
-        expected = torch.sort((w * w.grad).abs().reshape(-1), descending=True).values[opt.keep_count - 1]
+        metric = (w * w.grad).abs().reshape(-1)
+        expected = torch.sort(metric, descending=True).values[opt.keep_count - 1]
         assert torch.equal(opt.last_threshold, expected)
-    assert [c[0] for c in search_log] == [False, True, True, True, True]
+        searched = search_log[-1][1]
+        if step == 2:  # the first bound admits too few; the retry, 4x lower, is the one searched
+            assert int((metric >= bound).sum()) < opt.keep_count
+            assert searched == int((metric >= bound * 0.25).sum()) < 2000
+        if step == 4:
+            assert searched == 2000  # the 200x drop: the full search
+    assert [c[0] for c in search_log] == [0, 2, 2, 2, 2, 2, 2]
     assert search_log[1][1] < 2000  # a narrowed search
-    assert search_log[2][1] == 2000  # the drop: full search
-    assert search_log[3][1] < 2000
-    assert search_log[4][1] < 2000  # a jump up: the hint is low, the candidates are many but still a subset
+    assert search_log[5][1] < 2000
+    assert search_log[6][1] < 2000  # a 100x jump up: the bound is low, the candidates many but still a subset
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,7 +455,7 @@ def test_ties_at_threshold_are_all_kept(nonzero_ratio):
         assert opt.num_active == brute.num_active == sum(int(m.sum()) for m in masks)
         assert torch.equal(opt.last_threshold, brute.tau)
         assert float(brute.tau) == int(brute.tau)
-        assert_same_weights(model, reference)
+        assert_same_weights(model, reference, atol=1e-6)  # the host path rounds in its own order
 
 
 def test_zero_threshold_activates_everything():
@@ -683,7 +722,7 @@ def test_boundary_arguments_are_valid():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# kth_largest
+# The operation count off the host, and the bounded search
 
 
 class CountComputingOps(TorchDispatchMode):
@@ -720,27 +759,23 @@ def test_accelerator_step_is_a_few_kernels_whatever_the_depth(memory_format):
 
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 1), (10, 10), (1000, 3), (1000, 31), (1000, 32), (1000, 700),
                                  (5000, 156), (5000, 157)])
-def test_kth_largest_equals_sorting(n, k):
-    gen = torch.Generator().manual_seed(n + k)
-    for values in (torch.rand(n, generator=gen), torch.randint(0, 5, (n,), generator=gen).float()):
-        expected = torch.sort(values, descending=True).values[k - 1]
-        value, searched = kth_largest(values, k)
-        assert torch.equal(value, expected) and searched == n
+def test_top_positions_equals_sorting(n, k):
+    gen = np.random.default_rng(n + k)
+    for values in (gen.random(n, dtype=np.float32), gen.integers(0, 5, n).astype(np.float32)):
+        expected = np.sort(values)[::-1][k - 1]
+        expected_positions = np.flatnonzero(values >= expected)
         count_at_least = lambda bound: int((values >= bound).sum())  # noqa: E731
-        # A bound that admits >= k candidates: a narrowed search, same answer.
-        low = float(expected) * 0.9 if float(expected) > 0 else float(expected)
-        value, searched = kth_largest(values, k, lower_bound=low)
-        assert torch.equal(value, expected)
-        assert searched == count_at_least(low) >= k
-        # A bound above the answer admits fewer than k: the full search, same answer.
-        high = float(expected) + 1e-3
-        if count_at_least(high) < k:
-            value, searched = kth_largest(values, k, lower_bound=high)
-            assert torch.equal(value, expected) and searched == n
+        high = float(expected) + 1e-3  # admits fewer than k
+        low = float(expected) * 0.9  # admits k or more
+        for bounds, searched in [((), n), ((low,), count_at_least(low)), ((high,), n),
+                                 ((high, low), count_at_least(low)), ((high, high), n)]:
+            tau, positions, searched_now = top_positions(values, k, bounds)
+            assert tau == expected and np.array_equal(positions, expected_positions)
+            assert searched_now == searched >= k
 
 
-def test_kth_largest_rejects_bad_k():
+def test_top_positions_rejects_bad_k():
     with pytest.raises(ValueError):
-        kth_largest(torch.rand(5), 0)
+        top_positions(np.random.rand(5).astype(np.float32), 0)
     with pytest.raises(ValueError):
-        kth_largest(torch.rand(5), 6)
+        top_positions(np.random.rand(5).astype(np.float32), 6)
