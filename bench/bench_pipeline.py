@@ -183,6 +183,60 @@ def run_timing(args: argparse.Namespace) -> None:
     print_timing(args, rows, gsm_optimizer.keep_count, gsm_optimizer.num_prunable)
 
 
+def run_from_state(args: argparse.Namespace) -> None:
+    """Time a saved GSM state (--save-states) on real batches, with flush-to-zero on and off in turns: GSM
+    continuing from the state, and SGD with the base settings on its weights. Shows what subnormal arithmetic
+    costs on this processor, and that flushing removes it."""
+    device = torch.device("cpu")
+    state = torch.load(args.from_state, map_location=device, weights_only=True)
+    base_config = LENET_BASE.scaled(args.scale)
+    gsm_train_config = gsm_config(LENET_GSM[args.recipe], args.ratio).scaled(args.scale)
+    channels_last = trains_channels_last(args.net, device)
+    train_loader, _ = dataset.build_loaders(MODEL_DATASETS[args.net], base_config.batch_size, device,
+                                            seed=args.seed, channels_last=channels_last)
+    model = build_model(args.net)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.load_state_dict(state["model"])
+    optimizer = build_optimizer(model, gsm_train_config)
+    optimizer.load_state_dict(state["optimizer"])
+    base_lr = learning_rate(base_config.num_epochs * len(train_loader) - 1, base_config.lr,
+                            base_config.warmup_iters(len(train_loader)), base_config.drop_iters(len(train_loader)))
+    train_loader.set_epoch(int(state["epoch"]))
+    batches = [batch for _, batch in zip(range(args.steps), train_loader)]
+    tiny, subnormal = weight_census(model)
+    print(f"{args.from_state}: GSM epoch {state['epoch']}, lr {state['lr']:.3g}; {tiny} prunable weights with "
+          f"0 < |w| < 1e-30 ({subnormal} subnormal)")
+    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.steps} real "
+          f"batches x {args.rounds} rounds, flush-to-zero on and off in turns, turns of {args.block}; medians")
+    runners = {}
+    for flush in (True, False):
+        gsm_twin, gsm_twin_optimizer = fork(model, optimizer, gsm_train_config)
+        sgd_twin = copy.deepcopy(model)
+        sgd_twin_optimizer = build_optimizer(sgd_twin, base_config)
+        runners[("GSM", flush)] = (lambda m, o: lambda x, y: iteration(m, o, state["lr"], x, y))(
+            gsm_twin, gsm_twin_optimizer)
+        runners[("SGD at state", flush)] = (lambda m, o: lambda x, y: iteration(m, o, base_lr, x, y))(
+            sgd_twin, sgd_twin_optimizer)
+    times: Dict[tuple, List[float]] = {key: [] for key in runners}
+    for round_index in range(args.rounds + 1):  # the first round warms up
+        for first in range(0, len(batches), args.block):
+            for flush in ((True, False) if round_index % 2 == 0 else (False, True)):
+                set_flush_denormals(flush)
+                for key in [k for k in runners if k[1] == flush]:
+                    for x, y in batches[first:first + args.block]:
+                        start = time.perf_counter()
+                        runners[key](x, y)
+                        if round_index:
+                            times[key].append(time.perf_counter() - start)
+    set_flush_denormals(True)
+    ms = {key: statistics.median(values) * 1e3 for key, values in times.items()}
+    print(f"{'method':<14}  {'flush on ms':>11}  {'flush off ms':>12}  {'off / on':>8}")
+    for method in ("GSM", "SGD at state"):
+        on, off = ms[(method, True)], ms[(method, False)]
+        print(f"{method:<14}  {on:>11.2f}  {off:>12.2f}  {off / on:>8.2f}")
+
+
 def default_states(config: TrainConfig) -> List[int]:
     """Early (1 and a fifth in), the first epoch after each lr drop, and the end of the stage."""
     num_epochs = config.num_epochs
@@ -282,6 +336,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-flush", dest="flush", action="store_false",
                         help="keep subnormal floats (to see what they cost on this processor)")
     parser.add_argument("--save-states", metavar="DIR", help="also save each timed state (model, optimizer)")
+    parser.add_argument("--from-state", metavar="FILE",
+                        help="time one state saved by --save-states, with flush-to-zero on and off, then stop")
     args = parser.parse_args(argv)
     if args.logs:
         return report_logs(args.logs)
@@ -289,6 +345,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--steps, --rounds and --block must be >= 1, --warmup >= 0, --ratio > 1, --scale > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.from_state:
+        run_from_state(args)
+        return 0
     if args.flush:
         flush_denormals()
     run_timing(args)

@@ -110,10 +110,10 @@ def time_option(args, device, loader, warmup_loader, test_loader, amp: bool, com
     for name, optimizer in optimizers.items():
         epoch_times[name] = statistics.median(
             timed_epoch(model, optimizer, loader, e, configs[name], amp, device) for e in range(1, 1 + args.epochs))
-    evaluate(model, test_loader, amp)  # warm-up: the compiled model compiles again for evaluation
+    evaluate(model, test_loader)  # warm-up (evaluation runs the plain module, in float32)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    evaluate(model, test_loader, amp)
+    evaluate(model, test_loader)
     return epoch_times, time.perf_counter() - start
 
 

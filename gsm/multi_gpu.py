@@ -1,6 +1,7 @@
 """Multi-process training under torchrun: process-group set-up and DistributedDataParallel wrapping."""
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,17 +42,20 @@ def init_process(device: str) -> ProcessContext:
     return ProcessContext(rank=rank, world_size=world_size, device=requested)
 
 
-def wrap_model(model: nn.Module, context: ProcessContext) -> nn.Module:
-    """DistributedDataParallel around `model` when there are several processes. DDP averages the
-    gradients over the ranks during backward, so GSM ranks the same gradients and selects the same mask on
-    every rank. On CUDA, BatchNorm statistics are synchronised over the global batch (SyncBatchNorm), as a
-    single process with the whole batch would compute them."""
+def wrap_model(model: nn.Module, context: ProcessContext, compile_mode: Optional[str] = None) -> nn.Module:
+    """The training form of `model`, in this order: SyncBatchNorm layers when several processes train on
+    CUDA (BatchNorm statistics over the global batch, as one process with the whole batch computes them);
+    then `torch.compile` with `compile_mode` (None: eager), so that the compiled graph holds the synchronised
+    layers; then DistributedDataParallel when there are several processes. DDP averages the gradients over
+    the ranks during backward, so GSM ranks the same gradients and selects the same mask on every rank."""
+    if context.distributed and context.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if compile_mode is not None:
+        model = torch.compile(model, mode=compile_mode)
     if not context.distributed:
         return model
-    if context.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[context.device.index])
-    return nn.parallel.DistributedDataParallel(model)
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def barrier() -> None:

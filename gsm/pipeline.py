@@ -37,7 +37,7 @@ def gsm_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader,
     if writer and not (logged and pruned_path.exists()):  # a deleted one is written again (deterministic)
         save_hdf5(plain, pruned_path)
     if writer and not logged:
-        top1, top5, loss = evaluate(model, test_loader, amp)
+        top1, top5, loss = evaluate(model, test_loader)
         kept = mask_count(mask)
         # One line, so that an interruption can never leave half of it logged.
         StageLog(log_path).info(

@@ -53,8 +53,7 @@ def _run(config: ResNetConfig, context) -> Dict[str, str]:
     plain = build_model(config.arch).to(device)
     if channels_last:
         plain = plain.to(memory_format=torch.channels_last)
-    model = plain if config.compile is None else torch.compile(plain, mode=config.compile)
-    model = wrap_model(model, context)
+    model = wrap_model(plain, context, config.compile)
     stage_options = dict(writer=context.is_writer, progress=opts.progress, amp=config.amp)
     train_stage(model, folders["base"], base_config, train_loader, test_loader,
                 stage_config={"stage": "base", **common, "train": base_config.to_dict()}, **stage_options)

@@ -60,23 +60,18 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
 
-def without_ddp(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (kept compiled if it was), for evaluation on one rank."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, amp: bool = False) -> Tuple[float, float, float]:
-    """Top-1 and top-5 accuracy in percent and the mean cross-entropy over the whole loader."""
-    model = without_ddp(model)
+def evaluate(model: nn.Module, loader) -> Tuple[float, float, float]:
+    """Top-1 and top-5 accuracy in percent and the mean cross-entropy over the whole loader, computed in
+    float32 by the plain module (eager: inside a DistributedDataParallel or torch.compile wrapper, the
+    evaluation neither compiles a graph of its own nor makes the training graph recompile for eval mode)."""
+    model = unwrap_model(model)
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = None
     count = 0
     for images, labels in loader:
-        with autocast(images.device, amp):
-            logits = model(images)
-        logits = logits.float()
+        logits = model(images).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5.eq(labels[:, None])
         batch = (hits[:, 0].sum(), hits.any(dim=1).sum(), F.cross_entropy(logits, labels, reduction="sum"))
@@ -196,7 +191,7 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
     num_epochs = config.num_epochs
     for epoch in range(start_epoch, num_epochs):
         if epoch % 2 == 0:
-            log.info(format_evaluation(epoch, *evaluate(model, test_loader, amp)))
+            log.info(format_evaluation(epoch, *evaluate(model, test_loader)))
         started = time.perf_counter()
         with tqdm(total=iters_per_epoch, desc=f"{folder.name} {epoch + 1}/{num_epochs}", leave=False,
                   disable=not (progress and writer) or None, dynamic_ncols=True) as bar:
@@ -213,7 +208,7 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
             save_checkpoint({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                              "next_epoch": epoch + 1, "log_size": log.size(), "stage_config": stage_config,
                              "torch_rng": torch.get_rng_state()}, checkpoint_path)
-    log.info(format_evaluation(num_epochs, *evaluate(model, test_loader, amp)))
+    log.info(format_evaluation(num_epochs, *evaluate(model, test_loader)))
     if writer:
         save_hdf5(model, finish_path)
         checkpoint_path.unlink(missing_ok=True)

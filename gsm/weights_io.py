@@ -23,7 +23,10 @@ def _key_name(stored: str) -> str:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain model inside DistributedDataParallel and torch.compile wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        # No `or` between the two: a compiled module's truth value calls len(), which a plain network lacks.
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner

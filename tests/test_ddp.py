@@ -75,3 +75,64 @@ def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path):
         assert torch.equal(torch.from_numpy(written[key]), rank0[key]), key
     log = (tmp_path / "ddp" / "log.txt").read_text().splitlines()
     assert sum("validate at epoch" in line for line in log) == 2  # epoch 0 and after the last epoch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A BatchNorm ResNet under torch.compile, and the order in which the training form is built
+
+RESNET_CONFIG = TrainConfig(epochs=1, batch_size=16, lr=0.05, lr_drop_epochs=(), momentum=0.9, weight_decay=1e-4,
+                            optimizer="gsm", nonzero_ratio=0.1)
+
+
+def _compiled_resnet_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 10, (64,), generator=generator)
+        images = torch.randint(0, 256, (64, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        common = dict(normalize=dataset.CIFAR10_NORMALIZE, device="cpu", seed=5)
+        train_loader = dataset.DeviceLoader(images, labels, RESNET_CONFIG.batch_size, train=True, augment=True,
+                                            rank=rank, world_size=world_size, **common)
+        test_loader = dataset.DeviceLoader(images[:32], labels[:32], 32, train=False, augment=False, **common)
+        torch.manual_seed(0)
+        context = ProcessContext(rank=rank, world_size=world_size)
+        model = wrap_model(build_model("rc20"), context, compile_mode="default")
+        train_stage(model, Path(out_dir) / "rc20", RESNET_CONFIG, train_loader, test_loader,
+                    stage_config={"test": "ddp rc20"}, writer=context.is_writer, progress=False)
+        torch.save(dict(model.module._orig_mod.named_parameters()), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_batchnorm_resnet_ranks_stay_identical(tmp_path):
+    """rc20 (BatchNorm) compiled inside DistributedDataParallel on two gloo ranks: every parameter ends
+    bitwise equal on both ranks (the BatchNorm statistics are per rank on the CPU, where SyncBatchNorm is
+    not available), and the training moved them."""
+    mp.spawn(_compiled_resnet_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(0)
+    start = dict(build_model("rc20").named_parameters())
+    assert rank0.keys() == rank1.keys() == start.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert not torch.equal(rank0["linear.weight"], start["linear.weight"])
+
+
+def test_training_form_syncs_batchnorm_before_compiling_and_wraps_ddp_last(monkeypatch):
+    """On CUDA with several processes: SyncBatchNorm first, so that the compiled graph holds the synchronised
+    layers, then torch.compile, then DistributedDataParallel (stood in for here: no process group)."""
+    wrapped = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda module, device_ids=None: wrapped.append((module, device_ids)) or module)
+    context = ProcessContext(rank=1, world_size=2, device=torch.device("cuda", 1))
+    model = wrap_model(build_model("rc20"), context, compile_mode="reduce-overhead")
+    (inner, device_ids), = wrapped
+    assert inner is model and device_ids == [1]
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    norms = [m for m in model._orig_mod.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    # One process, or the CPU: plain BatchNorm, and no DDP.
+    eager = wrap_model(build_model("rc20"), ProcessContext())
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in eager.modules()) and len(wrapped) == 1

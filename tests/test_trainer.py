@@ -182,7 +182,7 @@ def test_bf16_autocast_trains_and_evaluates_like_float32(mnist_loaders, tmp_path
     train_stage(amp, tmp_path / "bf16", SMALL, train, test, stage_config=STAGE, progress=False, amp=True)
     assert all(p.dtype == torch.float32 for p in amp.parameters())
     assert not torch.equal(weights(amp)["linear1.weight"], weights(plain)["linear1.weight"])  # bf16 rounding
-    top1_amp = evaluate(amp, test, amp=True)[0]
+    top1_amp = evaluate(amp, test)[0]
     assert top1_amp > 90.0 and abs(top1_amp - evaluate(plain, test)[0]) < 5.0
 
 
@@ -413,3 +413,41 @@ def test_same_seed_gives_bitwise_equal_runs(mnist_tensors, tmp_path):
     assert evaluations(tmp_path / "1" / exp_layout.LOG) == evaluations(tmp_path / "2" / exp_layout.LOG)
     other = run(tmp_path / "3", 1)  # another data order: the runs differ, so the check above has teeth
     assert not torch.equal(torch.from_numpy(other["linear1.weight"]), torch.from_numpy(first["linear1.weight"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile: evaluation stays out of the compiled graph
+
+
+class TinyBatchNormNet(nn.Module):
+    """conv-BN-ReLU and a classifier: BatchNorm behaves differently in eval mode, which a compiled graph
+    guards on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 5, stride=4)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 36, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_evaluation_neither_compiles_nor_recompiles_the_training_graph(mnist_loaders, tmp_path):
+    """A compiled model's stage compiles one graph, the training step's: the evaluations (at epoch 0, before
+    any training, at every even epoch and after the last) run the plain module eagerly, so they compile no
+    graph of their own and never make the training graph recompile for eval mode."""
+    from torch._dynamo.utils import counters
+
+    train, test = mnist_loaders
+    torch.manual_seed(0)
+    plain = TinyBatchNormNet()
+    model = torch.compile(plain)
+    config = TrainConfig(epochs=3, batch_size=64, lr=0.05, lr_drop_epochs=(), momentum=0.9, weight_decay=5e-4)
+    torch._dynamo.reset()
+    counters.clear()
+    train_stage(model, tmp_path / "stage", config, train, test, stage_config={"test": "compile"}, progress=False)
+    assert evaluations(tmp_path / "stage" / "log.txt")[-1][0] == 3  # it evaluated, also after the last epoch
+    assert counters["frames"]["total"] == counters["stats"]["unique_graphs"] == 1
+    assert evaluate(model, test) == evaluate(plain, test)  # the same eager module, in float32
+    assert counters["frames"]["total"] == 1
