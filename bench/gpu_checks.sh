@@ -28,7 +28,8 @@ for name in "${parts[@]}"; do
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -c "import gsm" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Checked from another folder: scripts run by path do not have the repository root on sys.path.
+(cd / && python -c "import gsm, dataset") 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "error: no CUDA device is visible to torch; these checks need one" >&2
     exit 1
