@@ -1,6 +1,7 @@
 """MNIST and CIFAR-10: read torchvision's disk layouts, download with checksums, serve batches from the device."""
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import math
@@ -20,6 +21,15 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+try:  # numpy 2
+    from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
+    from numpy._core.multiarray import scalar as _numpy_scalar
+    from numpy._core.numeric import _frombuffer as _numpy_frombuffer
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
+    from numpy.core.multiarray import scalar as _numpy_scalar
+    from numpy.core.numeric import _frombuffer as _numpy_frombuffer
 
 # Default dataset roots, read once at import for display (e.g. in --help). `./data` means the folder `data`
 # under the current working directory at import time. Loading functions resolve the environment again at call
@@ -282,17 +292,60 @@ def _dict_get(batch: dict, key: str):
     return batch[key]
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """`_codecs.encode` as pickles written by Python 3 with protocol 2 call it for bytes, latin-1 only."""
+    if encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, "latin-1", errors)
+
+
+# Everything a CIFAR-10 python batch may ask the unpickler for: the canonical files (Python 2, numpy 1) name
+# numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype; a copy re-saved with numpy 2 names
+# numpy._core.* and, at protocol 2, _codecs.encode for bytes; at protocol 5, numpy's _frombuffer; labels
+# re-saved as numpy integers name numpy's scalar.
+_CIFAR_PICKLE_GLOBALS = MappingProxyType({
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy.core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, tuples, bytes, strings, numbers and numpy arrays: any other
+    global a pickle names (a function to call, a class to build) is refused before it is imported, so a crafted
+    file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _CIFAR_PICKLE_GLOBALS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR-10 batch holds only arrays, lists, "
+                                         f"bytes and numbers, so this file is not one (it may try to run code)")
+        return allowed
+
+
 def read_cifar_batch(path: str, *, env_var: str = "CIFAR10_PATH") -> Tuple[np.ndarray, np.ndarray]:
     """Parse one CIFAR-10 python batch: a pickled dict with `data`, uint8 [N, 3072] (rows are R, G, B planes
     of 32x32), and `labels`, N ints in 0..9. Returns uint8 [N, 3, 32, 32] and int64 [N].
 
-    The file is a pickle, as distributed by the dataset's authors: only read files from a trusted source.
+    The file is a pickle, as distributed by the dataset's authors. It is read by an unpickler that builds only
+    the plain containers and numpy arrays such a file holds and refuses anything else, so a file from elsewhere
+    cannot run code.
     """
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
     except OSError as exc:
         raise DatasetError(path, env_var, f"cannot read ({exc})") from exc
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("refused"):
+            raise DatasetError(path, env_var, str(exc)) from exc
+        raise DatasetError(path, env_var, f"corrupt pickle ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # unpickling garbage can raise almost any exception type
         raise DatasetError(path, env_var, f"corrupt pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(batch, dict):

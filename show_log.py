@@ -1,13 +1,18 @@
-"""Summarise the evaluations in every experiment's log.txt, one line per experiment."""
+"""Summarise the evaluations in every experiment's log.txt, one line per experiment (and one per hard-pruned
+model), over one or several output roots (seeds); --plot draws the curves and the accuracy against compression."""
 from __future__ import annotations
 
 import argparse
 import math
 import re
+import statistics
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from gsm.plots import plot_path, pyplot
 
 # The experiment families, in the order their rows are printed (DESIGN 3).
 EXPERIMENT_DIRS = ("gsm_exps", "gsm_lottery_ticket_exps")
@@ -20,6 +25,31 @@ _EVALUATION_RE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ INFO: "
     rf"validate at epoch (\d+), top1=({_FLOAT}), top5=({_FLOAT}), loss=({_FLOAT})\s*$"
 )
+
+
+# The GSM stage's line for its hard-pruned model (gsm/pipeline.py):
+# `... INFO: hard-pruned model: kept <k> of <N> prunable weights (Q = <q>, compression <c>x); before pruning ...;
+#  top1=<%.5f>, top5=<%.5f>, loss=<%.6f>`
+_PRUNED_RE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ INFO: hard-pruned model: kept (\d+) of (\d+) prunable weights.*"
+    rf"top1=({_FLOAT}), top5=({_FLOAT}), loss=({_FLOAT})\s*$"
+)
+PRUNED_SUFFIX = "_pruned"
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """The hard-pruned model of a GSM stage: its one evaluation, and how many prunable weights it keeps."""
+
+    top1: float
+    top5: float
+    loss: float
+    kept: int
+    prunable: int
+
+    @property
+    def compression(self) -> float:
+        return self.prunable / self.kept if self.kept else math.inf
 
 
 @dataclass(frozen=True)
@@ -43,10 +73,11 @@ class Summary:
     last_epoch: int | None
 
 
-def parse_log(path: Path | str) -> list[Evaluation]:
-    """Return the evaluations of a log in file order; every other line is ignored.
+def read_log(path: Path | str) -> tuple[list[Evaluation], Pruned | None]:
+    """The evaluations of a log in file order, and its hard-pruned model's line (None without one, as in a
+    log written before that line existed); every other line is ignored.
 
-    A last line without its newline is ignored too: logging writes each record and its newline at once, so an
+    A last line without its newline is ignored too: each record is written with its newline at once, so an
     unterminated line is a record cut short by a crash (or one being written right now), and its numbers may be
     truncated. Raises OSError when the file cannot be read.
     """
@@ -54,14 +85,23 @@ def parse_log(path: Path | str) -> list[Evaluation]:
         text = log.read()
     # Universal newlines turned \r\n and \r into \n; the piece after the last \n is unterminated.
     complete_lines = text.split("\n")[:-1]
-    evaluations = []
+    evaluations, pruned = [], None
     for line in complete_lines:
         match = _EVALUATION_RE.match(line)
-        if match is None:
+        if match is not None:
+            epoch, top1, top5, loss = match.groups()
+            evaluations.append(Evaluation(int(epoch), float(top1), float(top5), float(loss)))
             continue
-        epoch, top1, top5, loss = match.groups()
-        evaluations.append(Evaluation(int(epoch), float(top1), float(top5), float(loss)))
-    return evaluations
+        match = _PRUNED_RE.match(line)
+        if match is not None:
+            kept, prunable, top1, top5, loss = match.groups()
+            pruned = Pruned(float(top1), float(top5), float(loss), int(kept), int(prunable))
+    return evaluations, pruned
+
+
+def parse_log(path: Path | str) -> list[Evaluation]:
+    """The evaluations of a log in file order (see `read_log`)."""
+    return read_log(path)[0]
 
 
 def summarize(evaluations: Sequence[Evaluation], last: int = LAST_EVALUATIONS) -> Summary:
@@ -96,27 +136,202 @@ def find_logs(root: Path) -> list[Path]:
     return logs
 
 
-def format_rows(rows: Iterable[tuple[str, Summary]]) -> list[str]:
-    """Aligned lines `<name>  top1=<%.3f>  top5=<%.3f>  loss=<%.6f>  n=<count>  last_epoch=<epoch>`.
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment folder of one root: its evaluations and, for a GSM stage, its hard-pruned model."""
 
-    Each `key=value` stays one whitespace-free word (for awk and split), right-aligned in its column.
-    """
+    name: str
+    evaluations: list[Evaluation]
+    pruned: Pruned | None
 
-    def number(value: float | int | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
 
-    table = [
-        (name, f"top1={number(s.top1, '.3f')}", f"top5={number(s.top5, '.3f')}", f"loss={number(s.loss, '.6f')}",
-         f"n={s.count}", f"last_epoch={number(s.last_epoch, 'd')}")
-        for name, s in rows
-    ]
-    if not table:
+def read_experiments(root: Path) -> list[Experiment]:
+    """Every experiment under `root` (see find_logs); an unreadable log is skipped with a warning."""
+    experiments = []
+    for log_path in find_logs(root):
+        try:
+            evaluations, pruned = read_log(log_path)
+        except OSError as error:
+            print(f"warning: skipping {log_path}: {error.strerror or error}", file=sys.stderr)
+            continue
+        experiments.append(Experiment(experiment_name(log_path.parent.name), evaluations, pruned))
+    return experiments
+
+
+# A row's values: (top1, top5, loss) and what else it prints.
+Values = Dict[str, Optional[float]]
+
+
+def row_values(experiments: Iterable[Experiment]) -> Dict[str, Values]:
+    """{row name: values} in print order: each experiment's summary, then its hard-pruned model's row."""
+    rows: Dict[str, Values] = {}
+    for experiment in experiments:
+        s = summarize(experiment.evaluations)
+        rows[experiment.name] = {"top1": s.top1, "top5": s.top5, "loss": s.loss, "n": s.count,
+                                 "last_epoch": s.last_epoch}
+        if experiment.pruned is not None:
+            p = experiment.pruned
+            rows[experiment.name + PRUNED_SUFFIX] = {"top1": p.top1, "top5": p.top5, "loss": p.loss, "n": 1,
+                                                     "kept": p.kept, "prunable": p.prunable}
+    return rows
+
+
+def _number(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _cells(values: Values) -> list[str]:
+    """The `key=value` words of one root's row."""
+    cells = [f"top1={_number(values['top1'], '.3f')}", f"top5={_number(values['top5'], '.3f')}",
+             f"loss={_number(values['loss'], '.6f')}", f"n={values['n']}"]
+    if "kept" in values:
+        compression = values["prunable"] / values["kept"] if values["kept"] else math.inf
+        cells += ["last_epoch=-", f"kept={values['kept']}/{values['prunable']}", f"compression={compression:.2f}x"]
+    else:
+        cells.append(f"last_epoch={_number(values['last_epoch'], 'd')}")
+    return cells
+
+
+def _mean_cells(runs: list[Values], total_roots: int) -> list[str]:
+    """The words of a row over several roots: mean+-standard deviation of top1, top5 and loss over the roots
+    that have a value, and how many of the roots have the experiment."""
+    cells = []
+    for key, spec in (("top1", ".3f"), ("top5", ".3f"), ("loss", ".6f")):
+        values = [run[key] for run in runs if run[key] is not None]
+        if not values:
+            cells.append(f"{key}=-")
+            continue
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        cells.append(f"{key}={format(statistics.fmean(values), spec)}+-{format(spread, spec)}")
+    cells.append(f"roots={len(runs)}/{total_roots}")
+    if "kept" in runs[0]:
+        kept = sorted({run["kept"] for run in runs})
+        cells.append(f"kept={'/'.join(map(str, kept))}")
+    return cells
+
+
+def format_table(rows: list[tuple[str, list[str]]]) -> list[str]:
+    """Aligned lines: the name, then each `key=value` word right-aligned in its column (one whitespace-free
+    word each, for awk and split); rows may have more words than others."""
+    if not rows:
         return []
-    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))]
-    return [
-        "  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])])
-        for row in table
-    ]
+    columns = max(len(cells) for _, cells in rows)
+    widths = [max(len(name) for name, _ in rows)] + [
+        max((len(cells[i]) for _, cells in rows if i < len(cells)), default=0) for i in range(columns)]
+    return ["  ".join([name.ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(cells, widths[1:])])
+            for name, cells in rows]
+
+
+def format_rows(rows: Iterable[tuple[str, Summary]]) -> list[str]:
+    """Aligned lines `<name>  top1=<%.3f>  top5=<%.3f>  loss=<%.6f>  n=<count>  last_epoch=<epoch>`."""
+    return format_table([(name, _cells({"top1": s.top1, "top5": s.top5, "loss": s.loss, "n": s.count,
+                                        "last_epoch": s.last_epoch})) for name, s in rows])
+
+
+def table_lines(per_root: list[list[Experiment]]) -> list[str]:
+    """The printed table: one root's rows as they are; several roots' rows as means over the roots."""
+    values = [row_values(experiments) for experiments in per_root]
+    names: List[str] = []
+    for rows in values:
+        names += [name for name in rows if name not in names]
+    if len(per_root) == 1:
+        return format_table([(name, _cells(values[0][name])) for name in names])
+    return format_table([(name, _mean_cells([rows[name] for rows in values if name in rows], len(per_root)))
+                         for name in names])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+
+_LOTTERY_RE = re.compile(r"^lottery_(?P<net>[a-z0-9]+)_(?:base|compress(?P<ratio>[0-9.]+)_(?:(?P<recipe>[a-z]+)_)?"
+                         r"(?P<kind>gsm|gsm_retrain|magnitude_retrain))$")
+COMPRESSION_LINES = {"gsm": "GSM, hard-pruned", "gsm_retrain": "GSM ticket", "magnitude_retrain": "magnitude ticket"}
+
+
+def network_of(name: str) -> str:
+    """The network an experiment trains: `lottery_lenet300_...` -> lenet300, `rc56_gsm` -> rc56."""
+    match = _LOTTERY_RE.match(name)
+    return match.group("net") if match else name.split("_")[0]
+
+
+def curves(per_root: list[list[Experiment]]) -> Dict[str, List[Tuple[str, List[int], List[float], Optional[float]]]]:
+    """{network: [(experiment, epochs, top1 at each epoch, hard-pruned top1 or None)]}, each value the mean over
+    the roots that evaluated that epoch."""
+    gathered: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+    pruned: Dict[str, List[float]] = defaultdict(list)
+    for experiments in per_root:
+        for experiment in experiments:
+            for evaluation in experiment.evaluations:
+                gathered[experiment.name][evaluation.epoch].append(evaluation.top1)
+            if experiment.pruned is not None:
+                pruned[experiment.name].append(experiment.pruned.top1)
+    result: Dict[str, list] = defaultdict(list)
+    for name, by_epoch in gathered.items():
+        epochs = sorted(by_epoch)
+        result[network_of(name)].append((name, epochs, [statistics.fmean(by_epoch[e]) for e in epochs],
+                                         statistics.fmean(pruned[name]) if pruned[name] else None))
+    return dict(result)
+
+
+def compression_points(per_root: list[list[Experiment]]) -> Dict[str, Dict[str, List[Tuple[float, float]]]]:
+    """{network: {line: [(compression ratio, top1)] by ratio}} for the default recipe's lottery folders: the GSM
+    hard-pruned model, the GSM ticket and the magnitude ticket (final top1, the mean of the last evaluations),
+    each value the mean over the roots. Only networks with two ratios or more."""
+    found: Dict[str, Dict[str, Dict[float, List[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for experiments in per_root:
+        for experiment in experiments:
+            match = _LOTTERY_RE.match(experiment.name)
+            if not match or not match.group("ratio") or match.group("recipe"):
+                continue
+            kind, ratio = match.group("kind"), float(match.group("ratio"))
+            if kind == "gsm":
+                value = experiment.pruned.top1 if experiment.pruned else None
+            else:
+                value = summarize(experiment.evaluations).top1
+            if value is not None:
+                found[match.group("net")][COMPRESSION_LINES[kind]][ratio].append(value)
+    points = {}
+    for net, lines in found.items():
+        ratios = {ratio for by_ratio in lines.values() for ratio in by_ratio}
+        if len(ratios) >= 2:
+            points[net] = {line: sorted((r, statistics.fmean(v)) for r, v in by_ratio.items())
+                           for line, by_ratio in lines.items()}
+    return points
+
+
+def draw(per_root: list[list[Experiment]], path: Path) -> None:
+    """Top-1 against epoch, one panel per network (the hard-pruned models marked), then a panel of top-1
+    against compression for each network with several ratios; written to `path` (headless)."""
+    plt = pyplot()
+    by_network, compression = curves(per_root), compression_points(per_root)
+    panels = [("curve", net) for net in by_network] + [("compression", net) for net in compression]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
+    for ax, (kind, net) in zip(axes[0], panels):
+        if kind == "curve":
+            for name, epochs, top1, pruned in by_network[net]:
+                (line,) = ax.plot(epochs, top1, label=name.replace(f"lottery_{net}_", ""), linewidth=1.2)
+                if pruned is not None:
+                    ax.plot([epochs[-1]], [pruned], marker="*", markersize=12, color=line.get_color(),
+                            linestyle="none", label=f"{name.replace(f'lottery_{net}_', '')} hard-pruned")
+            finals = [v for _, _, top1, _ in by_network[net] for v in top1[-3:]]
+            if finals:
+                ax.set_ylim(max(0.0, min(finals) - 2.0), min(100.0, max(finals) + 0.5))
+            ax.set_xlabel("epoch")
+            ax.set_title(f"{net}: top-1 during training")
+        else:
+            for line_name, values in compression[net].items():
+                ax.plot([r for r, _ in values], [v for _, v in values], marker="o", label=line_name)
+            ax.set_xscale("log")
+            ax.set_xlabel("compression ratio (prunable weights / kept)")
+            ax.set_title(f"{net}: top-1 against compression")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    if len(per_root) > 1:
+        fig.suptitle(f"means over {len(per_root)} roots")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,47 +340,56 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"""\
 Read every {families}
-under the root folder and print one line per experiment, sorted by folder
+under each root folder and print one line per experiment, sorted by folder
 name, gsm_exps first:
   - the folder name without a trailing '_train' ('_retrain' is kept),
   - top1, top5 (percent) and loss: means over the last {LAST_EVALUATIONS} 'validate at epoch'
     evaluations of the log (all of them when it has fewer),
   - n: how many evaluations were averaged, last_epoch: the last epoch evaluated.
-An experiment whose log has no evaluations gets n=0 and '-' for the values.
+A GSM stage's hard-pruned model gets a row of its own, named after the folder
+with '{PRUNED_SUFFIX}', with its one evaluation, the weights it keeps and its
+compression. An experiment whose log has no evaluations gets n=0 and '-'.
+With several roots (e.g. one per seed) each row gives mean+-std over the roots
+that have it, and roots=<how many>/<all>.
 There is no header, so 'python show_log.py | grep retrain' leaves exactly the
-retrain rows.""",
+retrain rows, and 'grep pruned' the hard-pruned ones.""",
         epilog="""\
-example row:
+example rows:
+  lottery_lenet300_compress60_gsm_pruned   top1=98.280  top5=99.960  loss=0.060000  n=1  last_epoch=-  kept=4437/266200  compression=59.99x
   lottery_lenet300_compress60_gsm_retrain  top1=98.123  top5=99.950  loss=0.065432  n=10  last_epoch=200""",
     )
-    parser.add_argument("--root", type=Path, default=Path("."),
-                        help="folder holding gsm_exps/ and gsm_lottery_ticket_exps/ (default: the current folder)")
+    parser.add_argument("roots", nargs="*", type=Path, metavar="ROOT",
+                        help="folders holding gsm_exps/ and gsm_lottery_ticket_exps/ (default: the current folder)")
+    parser.add_argument("--root", type=Path, action="append", default=[], help="a root, as the positional ones")
+    parser.add_argument("--plot", type=plot_path, metavar="FILE",
+                        help="also draw top-1 against epoch (and against compression where a network has several "
+                             "ratios) into FILE (.png or .pdf)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.root.is_dir():
-        parser.error(f"--root {args.root}: not a folder; pass the folder that holds gsm_exps/ and "
-                     f"gsm_lottery_ticket_exps/")
-
-    logs = find_logs(args.root)
-    if not logs:
-        print(f"no logs found under {args.root.resolve()}", file=sys.stderr)
+    roots = list(args.roots) + list(args.root) or [Path(".")]
+    for root in roots:
+        if not root.is_dir():
+            given = f"--root {root}" if root in args.root else str(root)
+            parser.error(f"{given}: not a folder; pass the folder that holds gsm_exps/ and gsm_lottery_ticket_exps/")
+    per_root = [read_experiments(root) for root in roots]
+    per_root = [experiments for experiments in per_root if experiments]
+    if not per_root:
+        print(f"no logs found under {', '.join(str(root.resolve()) for root in roots)}", file=sys.stderr)
         return 0
-    rows = []
-    for log_path in logs:
-        try:
-            evaluations = parse_log(log_path)
-        except OSError as error:
-            print(f"warning: skipping {log_path}: {error.strerror or error}", file=sys.stderr)
-            continue
-        rows.append((experiment_name(log_path.parent.name), summarize(evaluations)))
-    for line in format_rows(rows):
+    for line in table_lines(per_root):
         print(line)
+    if args.plot:
+        draw(per_root, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.exit(0)

@@ -48,6 +48,19 @@ def init_weights(model: nn.Module) -> None:
                 module.reset_parameters()
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and torch.compile wrappers (whose parameter names carry
+    `module.` and `_orig_mod.` prefixes)."""
+    while True:
+        # No `or` between the two: a compiled module's truth value calls len(), which a plain network lacks.
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def build_model(name: str) -> nn.Module:
     """Build and initialise the network called `name` (one of MODEL_NAMES)."""
     if name not in _BUILDERS:
@@ -57,5 +70,5 @@ def build_model(name: str) -> nn.Module:
     return model
 
 
-__all__ = ["build_model", "init_weights", "trains_channels_last", "MODEL_NAMES", "MODEL_DATASETS", "LeNet300",
+__all__ = ["build_model", "init_weights", "unwrap_model", "trains_channels_last", "MODEL_NAMES", "MODEL_DATASETS", "LeNet300",
            "LeNet5", "CifarResNet"]

@@ -1,9 +1,12 @@
 """Global Sparse Momentum SGD: the optimizer, pruning masks, hdf5 weights I/O and the experiment pipelines."""
 from gsm.denormals import flush_denormals
 from gsm.optimizer import GSM
+from gsm.param_groups import param_groups
+from gsm.pruned_io import load_mask, load_sparse, save_mask, save_sparse
 from gsm.pruning import (apply_mask_to_grads, apply_mask_to_weights, global_magnitude_mask, mask_count,
                          prunable_parameters, sparsity_report)
 from gsm.weights_io import WeightsFileError, load_hdf5, read_hdf5, save_hdf5
 
-__all__ = ["GSM", "flush_denormals", "apply_mask_to_grads", "apply_mask_to_weights", "global_magnitude_mask", "mask_count",
-           "prunable_parameters", "sparsity_report", "WeightsFileError", "load_hdf5", "read_hdf5", "save_hdf5"]
+__all__ = ["GSM", "flush_denormals", "param_groups", "apply_mask_to_grads", "apply_mask_to_weights",
+           "global_magnitude_mask", "mask_count", "prunable_parameters", "sparsity_report", "save_mask", "load_mask",
+           "save_sparse", "load_sparse", "WeightsFileError", "load_hdf5", "read_hdf5", "save_hdf5"]

@@ -1,5 +1,6 @@
 """Atomic resume checkpoints: everything needed to continue a training stage in one file."""
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -26,12 +27,35 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
             tmp_path.unlink()
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name, fsync it, then rename: a crash leaves the old file or the
+    new one, never a part of it."""
+    tmp_path = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp_path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
 def load_checkpoint(path: Path, map_location: Optional[torch.device] = None) -> Optional[Dict[str, Any]]:
-    """The checkpoint at `path`, or None when there is none."""
+    """The checkpoint at `path`, or None when there is none.
+
+    A checkpoint holds only tensors and plain containers (dicts, lists, numbers, strings), and is read with
+    `torch.load(weights_only=True)`, which builds nothing else: a file from elsewhere cannot run code."""
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused something that is not a tensor or container
+        reason = " ".join(str(exc).split()[:40])
+        raise CheckpointError(f"{path}: refused to load, it holds more than tensors and plain containers, so it was "
+                              f"not written by this code and could run code ({reason} ...); delete {path.name} to "
+                              f"restart this stage from its beginning (the folder's other files are kept)") from exc
     except Exception as exc:  # a truncated or foreign file: say which and how to recover
         reason = " ".join(str(exc).split())  # torch's messages can span lines; the report is one line
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {reason}); "

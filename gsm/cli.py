@@ -91,6 +91,7 @@ def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
     """Run a script's main, reporting the errors a user can cause in one line on stderr (exit 1)."""
     from dataset import DatasetError
     from gsm.checkpoint import CheckpointError
+    from gsm.folder_lock import FolderBusy
     from gsm.trainer import StageConfigMismatch, TrainingDiverged
     from gsm.weights_io import WeightsFileError
 
@@ -99,7 +100,7 @@ def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
     flush_denormals()
     try:
         return main(argv)
-    except (DatasetError, CheckpointError, StageConfigMismatch, TrainingDiverged, WeightsFileError) as exc:
+    except (DatasetError, CheckpointError, FolderBusy, StageConfigMismatch, TrainingDiverged, WeightsFileError) as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the cause
         return 1
     except KeyboardInterrupt:
@@ -132,14 +133,18 @@ def lottery_main(net: str, title: str, paper_ratios: str, argv: Optional[List[st
 
     parser = argparse.ArgumentParser(
         description=f"Train {title} on MNIST (the base, shared by every ratio), find a ticket by GSM and one by "
-                    f"global magnitude at compression ratio R, and retrain both tickets. Writes "
+                    f"global magnitude at each compression ratio R, and retrain both tickets. Writes "
                     f"gsm_lottery_ticket_exps/lottery_{net}_*; rerunning resumes or skips finished stages.")
-    parser.add_argument("ratio", type=compression_ratio, help=f"compression ratio R > 1 (the paper: {paper_ratios})")
+    parser.add_argument("ratios", nargs="+", type=compression_ratio, metavar="ratio",
+                        help=f"compression ratios R > 1, run one after the other on one base (the paper: "
+                             f"{paper_ratios}; a sweep: e.g. 10 30 60 120 240)")
     parser.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE,
                         help="GSM schedule: 'paper' (240 epochs, lr 3e-2, near-lossless hard prune) or "
                              "'released' (280 epochs, lr 1e-2, the released code's final version)")
     add_run_options(parser)
     args = parser.parse_args(argv)
-    check_ratio_keeps_weights(parser, args.ratio, net)
-    run_lottery(LotteryConfig(net, args.ratio, args.recipe, run_options(args, parser)))
+    for ratio in args.ratios:  # every ratio checked before anything trains
+        check_ratio_keeps_weights(parser, ratio, net)
+    ratios = tuple(dict.fromkeys(args.ratios))  # each once, in the order given
+    run_lottery(LotteryConfig(net, ratios, args.recipe, run_options(args, parser)))
     return 0

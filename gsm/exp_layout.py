@@ -8,6 +8,7 @@ LOTTERY_EXPS = "gsm_lottery_ticket_exps"
 INIT_WEIGHTS = "init.hdf5"  # the weights a training stage started from (for a retrain: the ticket)
 FINISH_WEIGHTS = "finish.hdf5"  # the weights at the end of training
 PRUNED_WEIGHTS = "finish_pruned.hdf5"  # a GSM stage's hard-pruned model
+MASK = "mask.hdf5"  # a retrain's ticket mask, {parameter name: bool} (gsm.save_mask)
 LOG = "log.txt"
 CHECKPOINT = "checkpoint.pt"  # resume state, removed once the stage has finished
 STAGE_CONFIG = "config.json"  # the stage's configuration, checked before a finished stage is reused

@@ -46,11 +46,13 @@ class TrainConfig:
 # LeNet-300-100 and LeNet-5 on MNIST.
 LENET_BASE = TrainConfig(epochs=200, batch_size=256, lr=3e-2, lr_drop_epochs=(40, 80, 120, 160), momentum=0.9,
                          weight_decay=5e-4, warmup_epochs=5, bias_lr_factor=2.0)
+# The two recipes of the LeNet GSM stage (DESIGN 2). `paper`: the first released version's schedule (lr 3e-2, drops
+# at epochs 160 and 200, 240 epochs, no warmup) with momentum 0.99 and the final version's Nesterov momentum (the
+# first version itself used plain momentum); it drives the passive weights to zero fast enough for a nearly
+# lossless hard prune. `released`: the released code's final version.
 LENET_GSM = {
-    # The released code's first version; drives passive weights to zero fast enough for a near-lossless prune.
     "paper": TrainConfig(epochs=240, batch_size=256, lr=3e-2, lr_drop_epochs=(160, 200), momentum=0.99,
                          weight_decay=5e-4, warmup_epochs=0, nesterov=True, optimizer="gsm"),
-    # The released code's final version.
     "released": TrainConfig(epochs=280, batch_size=256, lr=1e-2, lr_drop_epochs=(160, 200, 240), momentum=0.99,
                             weight_decay=5e-4, warmup_epochs=5, nesterov=True, optimizer="gsm"),
 }

@@ -64,6 +64,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank0_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag`, on every rank (the flag itself in a single process): how the other ranks learn that
+    rank 0 gave up, instead of waiting for it in the next collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of `tensor` over ranks (the tensor itself in a single process)."""
     if dist.is_available() and dist.is_initialized():

@@ -1,12 +1,15 @@
 """The Global Sparse Momentum SGD optimizer."""
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from base_model import unwrap_model
 from gsm.denormals import flush_denormals
+from gsm.pruning import global_magnitude_mask
 from gsm.selection import GlobalSelection, Selection, flat_array, keep_count
 
 
@@ -28,7 +31,11 @@ class GSM(Optimizer):
         d = M \odot g + \lambda w, \qquad b \leftarrow \beta b + d, \qquad
         w \leftarrow w - \eta b \quad (\text{Nesterov: } w \leftarrow w - \eta (d + \beta b)).
 
-    Non-prunable elements use :math:`M = 1`. Weight decay and momentum act on every weight, so the
+    :math:`N` counts every element of the prunable parameters of the param groups, whether or not they have a
+    gradient in a step; only those with a gradient are ranked. Leave frozen or unused parameters out of the
+    optimizer (or in a group with ``prunable=False``): when the ranked elements number :math:`Q` or fewer, every
+    one of them gets its gradient and the step is plain SGD (a warning says so, once). Non-prunable elements
+    use :math:`M = 1`. Weight decay and momentum act on every weight, so the
     elements outside the mask only decay (and coast on their momentum) towards zero; after training the
     model is hard-pruned to the Q largest magnitudes. The metric uses the loss gradient before weight decay
     because it estimates how much the loss would change if the weight were removed (first-order Taylor),
@@ -73,6 +80,7 @@ class GSM(Optimizer):
         self.last_threshold: Optional[Tensor] = None
         self._last_selection: Optional[Selection] = None
         self._last_num_ranked = 0
+        self._warned_all_active = False
         self._selection = GlobalSelection()
         super().__init__(params, defaults)
         if any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
@@ -92,13 +100,30 @@ class GSM(Optimizer):
             raise ValueError(f"Invalid prunable: {group['prunable']} (must be True, False or None)")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group (see Optimizer.add_param_group); an invalid one raises and is not added."""
         super().add_param_group(param_group)
-        self._check_hyperparameters(self.param_groups[-1])
+        try:
+            self._check_hyperparameters(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def is_prunable(group: Dict[str, Any], p: Tensor) -> bool:
         """Whether `p` of `group` takes part in the ranking: the group's `prunable`, else `p.dim() > 1`."""
         return p.dim() > 1 if group["prunable"] is None else bool(group["prunable"])
+
+    def prunable_names(self, model: nn.Module) -> List[str]:
+        """The names, in `model` (possibly wrapped in DDP or torch.compile: plain names), of the parameters this
+        optimizer ranks, in the model's order: what the hard prune and the sparsity report should count, so that
+        the prune keeps what GSM trained for, whatever the param groups say about `prunable`."""
+        ranked = {id(p) for g in self.param_groups for p in g["params"] if self.is_prunable(g, p)}
+        return [name for name, p in unwrap_model(model).named_parameters() if id(p) in ranked]
+
+    def hard_mask(self, model: nn.Module) -> Dict[str, Tensor]:
+        """The hard prune's mask (DESIGN 1) of `model` over this optimizer's prunable parameters at its
+        nonzero_ratio: {plain parameter name: bool tensor}."""
+        return global_magnitude_mask(model, self.nonzero_ratio, names=self.prunable_names(model))
 
     @property
     def num_prunable(self) -> int:
@@ -126,6 +151,14 @@ class GSM(Optimizer):
         self.last_threshold, self._last_selection = None, None
         q = self.keep_count
         if not ranked or q >= self._last_num_ranked:
+            if ranked and not self._warned_all_active and self._last_num_ranked < self.num_prunable:
+                self._warned_all_active = True
+                warnings.warn(
+                    f"GSM: only {self._last_num_ranked} prunable elements have gradients, no more than Q = {q} "
+                    f"(1/{1 / self.nonzero_ratio:g} of the {self.num_prunable} prunable elements of the param "
+                    f"groups, counted with or without gradients), so every ranked element gets its gradient: "
+                    f"this step is plain SGD. Leave parameters that get no gradient (frozen, unused) out of the "
+                    f"optimizer, or mark their group prunable=False", RuntimeWarning, stacklevel=3)
             return {}
         if any(p.grad.is_sparse for p in ranked):
             raise RuntimeError("GSM does not support sparse gradients")

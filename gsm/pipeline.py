@@ -4,13 +4,15 @@ from typing import Any, Dict, Mapping
 
 from torch import Tensor, nn
 
+from base_model import unwrap_model
 from gsm import exp_layout
 from gsm.experiment_config import TrainConfig
 from gsm.pruning import apply_mask_to_weights, global_magnitude_mask, mask_count, prunable_parameters
 from gsm.selection import keep_count
-from gsm.train_log import StageLog
+from gsm.train_log import StageEvents, StageLog
+from gsm.pruned_io import save_mask
 from gsm.trainer import evaluate, train_stage
-from gsm.weights_io import save_hdf5, unwrap_model
+from gsm.weights_io import save_hdf5
 
 HARD_PRUNE_MARKER = "hard-pruned model:"
 # Magnitude above which a weight counts as clearly alive after GSM (reported against Q).
@@ -45,22 +47,28 @@ def gsm_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader,
             f"(Q = {q}, compression {num_prunable / kept:.2f}x); before pruning {alive} weights "
             f"had |w| > {ALIVE_MAGNITUDE} ({alive / max(q, 1):.3f} x Q); "
             f"top1={top1:.5f}, top5={top5:.5f}, loss={loss:.6f}")
+        events = StageEvents(Path(folder))
+        events.scalars(config.num_epochs, pruned__top1=top1, pruned__top5=top5, pruned__loss=loss, pruned__kept=kept)
+        events.close()
     return mask
 
 
 def retrain_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader, test_loader,
                   init_weights: Mapping[str, Tensor], mask: Mapping[str, Tensor], *,
                   stage_config: Dict[str, Any], writer: bool = True, progress: bool = True) -> None:
-    """Retrain the ticket `init_weights * mask` with gradients multiplied by `mask` every step."""
+    """Retrain the ticket `init_weights * mask` with gradients multiplied by `mask` every step; the mask is
+    kept in the folder (`mask.hdf5`, see gsm.load_mask), so that the ticket can be rebuilt and reused."""
     plain = unwrap_model(model)
     plain.load_state_dict(init_weights)
     apply_mask_to_weights(plain, mask)
     train_stage(model, folder, config, train_loader, test_loader, stage_config=stage_config, grad_mask=mask,
                 writer=writer, progress=progress)
+    mask_path = Path(folder) / exp_layout.MASK
+    if writer and not mask_path.exists():  # also written for a folder trained before masks were kept
+        save_mask(mask, mask_path)
 
 
 def _logged(log_path: Path, marker: str) -> bool:
-    if not log_path.exists():
-        return False
-    with open(log_path, encoding="utf-8", errors="replace") as f:
-        return any(marker in line for line in f)
+    """Whether a whole line of the log holds `marker` (a partial last line, cut short by a crash, does not
+    count: the line is written again)."""
+    return any(marker in line for line in StageLog(log_path).complete_lines())

@@ -1,11 +1,13 @@
 """Pruning masks as plain {parameter name: bool tensor} dicts: the global magnitude mask, applying masks,
 and sparsity reports."""
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from base_model import unwrap_model
 
 Mask = Dict[str, Tensor]
 
@@ -15,9 +17,18 @@ def is_prunable_shape(shape) -> bool:
     return len(shape) > 1
 
 
-def prunable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """The model's prunable parameters by state-dict name, in registration order."""
-    return {name: p for name, p in model.named_parameters() if is_prunable_shape(p.shape)}
+def prunable_parameters(model: nn.Module, names: Optional[Iterable[str]] = None) -> Dict[str, nn.Parameter]:
+    """The model's prunable parameters by plain state-dict name (inside DDP or torch.compile wrappers), in
+    registration order: those in `names` (e.g. `GSM.prunable_names(model)`, the optimizer's own choice), by
+    default every parameter of dim > 1."""
+    named = dict(unwrap_model(model).named_parameters())
+    if names is None:
+        return {name: p for name, p in named.items() if is_prunable_shape(p.shape)}
+    chosen = set(names)
+    unknown = chosen - set(named)
+    if unknown:
+        raise KeyError(f"not parameters of the model: {', '.join(sorted(unknown))}")
+    return {name: p for name, p in named.items() if name in chosen}
 
 
 def num_pruned_to(num_prunable: int, nonzero_ratio: float) -> int:
@@ -25,15 +36,16 @@ def num_pruned_to(num_prunable: int, nonzero_ratio: float) -> int:
     return int(num_prunable * (1.0 - nonzero_ratio))
 
 
-def global_magnitude_mask(model: Union[nn.Module, Mapping[str, Tensor]], nonzero_ratio: float) -> Mask:
-    """The hard mask of DESIGN 1 over all prunable parameters of `model` (a module, or a dict of tensors
-    of which those with dim > 1 are used): with num_zero = int(N * (1 - nonzero_ratio)) and the threshold
-    the num_zero-th smallest |w| (0-based, ascending), keep |w| >= threshold. Without ties this keeps
-    N - num_zero elements."""
+def global_magnitude_mask(model: Union[nn.Module, Mapping[str, Tensor]], nonzero_ratio: float,
+                          names: Optional[Iterable[str]] = None) -> Mask:
+    """The hard mask of DESIGN 1 over all prunable parameters of `model` (a module, possibly wrapped, or a dict
+    of tensors): those in `names`, by default those of dim > 1. With num_zero = int(N * (1 - nonzero_ratio))
+    and the threshold the num_zero-th smallest |w| (0-based, ascending), keep |w| >= threshold. Without ties
+    this keeps N - num_zero elements. Pass `names=optimizer.prunable_names(model)` (or use
+    `GSM.hard_mask(model)`) so that the prune keeps what GSM trained for when param groups set `prunable`."""
     if not 0.0 < nonzero_ratio <= 1.0:
         raise ValueError(f"Invalid nonzero_ratio: {nonzero_ratio} (must be in (0, 1])")
-    named = (prunable_parameters(model) if isinstance(model, nn.Module)
-             else {k: v for k, v in model.items() if is_prunable_shape(v.shape)})
+    named = _chosen(model, names)
     if not named:
         raise ValueError("the model has no prunable parameters (none of dim > 1)")
     with torch.no_grad():
@@ -49,9 +61,19 @@ def mask_count(mask: Mapping[str, Tensor]) -> int:
     return int(sum(int(m.sum()) for m in mask.values()))
 
 
+def _chosen(tensors: Union[nn.Module, Mapping[str, Tensor]], names: Optional[Iterable[str]]) -> Dict[str, Tensor]:
+    """The prunable tensors of a module (see prunable_parameters) or of a {name: tensor} dict."""
+    if isinstance(tensors, nn.Module):
+        return prunable_parameters(tensors, names)
+    if names is None:
+        return {k: v for k, v in tensors.items() if is_prunable_shape(v.shape)}
+    chosen = set(names)
+    return {k: v for k, v in tensors.items() if k in chosen}
+
+
 def apply_mask_to_weights(model: nn.Module, mask: Mapping[str, Tensor]) -> None:
-    """Zero the pruned weights of `model` in place."""
-    params = dict(model.named_parameters())
+    """Zero the pruned weights of `model` (possibly wrapped; plain names) in place."""
+    params = dict(unwrap_model(model).named_parameters())
     with torch.no_grad():
         for name, m in mask.items():
             params[name].mul_(m.to(params[name].device))
@@ -59,7 +81,7 @@ def apply_mask_to_weights(model: nn.Module, mask: Mapping[str, Tensor]) -> None:
 
 def apply_mask_to_grads(model: nn.Module, mask: Mapping[str, Tensor]) -> None:
     """Zero the gradients of pruned weights in place, so that they stay exactly zero under SGD."""
-    params = dict(model.named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     for name, m in mask.items():
         grad = params[name].grad
         if grad is not None:
@@ -117,13 +139,13 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-def sparsity_report(tensors: Union[nn.Module, Mapping[str, Union[Tensor, np.ndarray]]]) -> SparsityReport:
-    """Count elements and non-zeros of every prunable (dim > 1) tensor of a model or a name->array dict."""
-    named = prunable_parameters(tensors) if isinstance(tensors, nn.Module) else tensors
+def sparsity_report(tensors: Union[nn.Module, Mapping[str, Union[Tensor, np.ndarray]]],
+                    names: Optional[Iterable[str]] = None) -> SparsityReport:
+    """Count elements and non-zeros of every prunable tensor of a model or a name->array dict: those in `names`,
+    by default those of dim > 1."""
+    named = _chosen(tensors, names)
     report = SparsityReport()
     for name, t in named.items():
-        if not is_prunable_shape(t.shape):
-            continue
         nonzeros = int(torch.count_nonzero(t)) if isinstance(t, Tensor) else int(np.count_nonzero(t))
         report.layers.append(LayerDensity(name, int(np.prod(t.shape)), nonzeros))
     return report

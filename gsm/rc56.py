@@ -8,7 +8,8 @@ import dataset
 from base_model import MODEL_DATASETS, build_model, trains_channels_last
 from gsm import exp_layout
 from gsm.experiment_config import RC_BASE, RC_GSM, RunOptions, gsm_config
-from gsm.multi_gpu import init_process, shutdown, wrap_model
+from gsm.folder_lock import FolderBusy, lock_or_fail, shared_folder
+from gsm.multi_gpu import barrier, init_process, rank0_flag, shutdown, wrap_model
 from gsm.pipeline import gsm_stage
 from gsm.trainer import train_stage
 
@@ -49,15 +50,32 @@ def _run(config: ResNetConfig, context) -> Dict[str, str]:
                "gsm": exp_layout.rc_gsm_dir(opts.out_root, config.arch, config.ratio)}
     common = {"model": config.arch, "seed": opts.seed}
 
-    torch.manual_seed(opts.seed)
-    plain = build_model(config.arch).to(device)
-    if channels_last:
-        plain = plain.to(memory_format=torch.channels_last)
-    model = wrap_model(plain, context, config.compile)
-    stage_options = dict(writer=context.is_writer, progress=opts.progress, amp=config.amp)
-    train_stage(model, folders["base"], base_config, train_loader, test_loader,
-                stage_config={"stage": "base", **common, "train": base_config.to_dict()}, **stage_options)
-    gsm_stage(model, folders["gsm"], gsm_train_config, train_loader, test_loader,
-              stage_config={"stage": "gsm", **common, "base": base_config.to_dict(),
-                            "train": gsm_train_config.to_dict()}, **stage_options)
+    # One run per folder: the GSM folder is this run's alone, the base is shared by every ratio (waited for).
+    # Only rank 0 locks; the other ranks learn whether it could.
+    own_lock, busy = None, None
+    if context.is_writer:
+        try:
+            own_lock = lock_or_fail(folders["gsm"])
+        except FolderBusy as exc:
+            busy = exc
+    if not rank0_flag(busy is None, device):
+        raise busy or FolderBusy(f"rank 0 could not lock {folders['gsm']}: another run uses it")
+
+    try:
+        torch.manual_seed(opts.seed)
+        plain = build_model(config.arch).to(device)
+        if channels_last:
+            plain = plain.to(memory_format=torch.channels_last)
+        model = wrap_model(plain, context, config.compile)
+        stage_options = dict(writer=context.is_writer, progress=opts.progress, amp=config.amp)
+        with shared_folder(folders["base"], enabled=context.is_writer):
+            barrier()  # the other ranks wait here while rank 0 waits for the lock
+            train_stage(model, folders["base"], base_config, train_loader, test_loader,
+                        stage_config={"stage": "base", **common, "train": base_config.to_dict()}, **stage_options)
+        gsm_stage(model, folders["gsm"], gsm_train_config, train_loader, test_loader,
+                  stage_config={"stage": "gsm", **common, "base": base_config.to_dict(),
+                                "train": gsm_train_config.to_dict()}, **stage_options)
+    finally:
+        if own_lock is not None:
+            own_lock.release()
     return {name: str(path) for name, path in folders.items()}

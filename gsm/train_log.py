@@ -1,8 +1,10 @@
-"""The per-folder `log.txt`: appended lines `<asctime> train INFO: <message>` (DESIGN 3)."""
+"""A stage folder's records: `log.txt`, appended lines `<asctime> train INFO: <message>` (DESIGN 3), and the
+TensorBoard scalars (event files in the folder, as the released code wrote them)."""
+import errno
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from tqdm import tqdm
 
@@ -20,12 +22,22 @@ class StageLog:
         self.echo = echo
 
     def info(self, message: str) -> None:
+        """Append one line. It is written with a single write call, after cutting any partial last line (left
+        by a crash or a full disk in the middle of a write), so the file holds whole lines only."""
         now = time.time()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
         line = f"{stamp} train INFO: {message}"
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+            data = (line + "\n").encode("utf-8")
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                _cut_partial_line(fd)
+                written = os.write(fd, data)
+                if written != len(data):  # the disk filled up: take the piece back and report it
+                    _cut_partial_line(fd)
+                    raise OSError(errno.ENOSPC, "no space left to write a whole log line", str(self.path))
+            finally:
+                os.close(fd)
         if self.echo:
             tqdm.write(line)
 
@@ -36,9 +48,62 @@ class StageLog:
             return 0
         return self.path.stat().st_size
 
+    def complete_lines(self) -> List[str]:
+        """The log's whole lines (a partial last line, without its newline, left out)."""
+        if self.path is None or not self.path.exists():
+            return []
+        with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+            return f.read().split("\n")[:-1]
+
     def truncate(self, size: int) -> None:
         if self.path is not None and self.path.exists() and self.path.stat().st_size > size:
             with open(self.path, "r+b") as f:
                 f.truncate(size)
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def _cut_partial_line(fd: int) -> None:
+    """Truncate the open file `fd` after its last newline, if anything follows it."""
+    size = os.fstat(fd).st_size
+    end = size
+    while end > 0:
+        start = max(0, end - 4096)
+        chunk = os.pread(fd, end - start, start)
+        if end == size and chunk.endswith(b"\n"):
+            return
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            os.ftruncate(fd, start + cut + 1)
+            return
+        end = start
+    if size:
+        os.ftruncate(fd, 0)
+
+
+class StageEvents:
+    """TensorBoard scalars of one stage, written into its folder (`tensorboard --logdir <out-root>` shows every
+    stage). A resumed stage passes its first epoch as `purge_step`: TensorBoard then drops the points the
+    interrupted run wrote from that epoch on, which are written again, so that no point is doubled. With
+    `folder=None` (ranks other than 0) nothing is written. The writer opens on the first scalar."""
+
+    def __init__(self, folder: Optional[Path], purge_step: int = 0) -> None:
+        self.folder = folder
+        self.purge_step = purge_step
+        self._writer = None
+
+    def scalars(self, step: int, **values: float) -> None:
+        """Record `values` ({tag: value}, '/' in tags written as '__' by keyword: train__loss -> train/loss)."""
+        if self.folder is None:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: a second of start-up otherwise
+
+            self._writer = SummaryWriter(str(self.folder), purge_step=self.purge_step or None)
+        for tag, value in values.items():
+            self._writer.add_scalar(tag.replace("__", "/"), value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

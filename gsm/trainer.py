@@ -10,14 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from base_model import unwrap_model
 from gsm import exp_layout
-from gsm.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
+from gsm.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint, write_text_atomic
 from gsm.experiment_config import TrainConfig
 from gsm.lr_schedule import learning_rate
 from gsm.multi_gpu import all_reduce_mean, barrier
 from gsm.optimizer import GSM
-from gsm.train_log import StageLog, format_evaluation
-from gsm.weights_io import WeightsFileError, load_hdf5, save_hdf5, unwrap_model
+from gsm.param_groups import param_groups as public_param_groups
+from gsm.train_log import StageEvents, StageLog, format_evaluation
+from gsm.weights_io import WeightsFileError, load_hdf5, save_hdf5
 
 
 class TrainingDiverged(RuntimeError):
@@ -29,20 +31,9 @@ class StageConfigMismatch(RuntimeError):
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
-    """Biases and BatchNorm parameters get no weight decay; biases train at `bias_lr_factor` x lr.
-    Each group's `lr_factor` multiplies the scheduled lr."""
-    plain = unwrap_model(model)
-    norm_params = {id(p) for m in plain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                   for p in m.parameters(recurse=False)}
-    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
-    for name, p in plain.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_bias = name.endswith("bias")
-        no_decay = is_bias or id(p) in norm_params
-        key = (config.bias_lr_factor if is_bias else 1.0, 0.0 if no_decay else config.weight_decay)
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr_factor": factor, "weight_decay": wd} for (factor, wd), ps in groups.items()]
+    """`gsm.param_groups` with the stage's weight decay and bias lr factor: each group's `lr_factor`
+    multiplies the scheduled lr."""
+    return public_param_groups(model, config.weight_decay, config.bias_lr_factor)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -169,7 +160,7 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
         outcome = "resumed"
     else:
         if writer:
-            (folder / exp_layout.STAGE_CONFIG).write_text(json.dumps(stage_config, indent=1, sort_keys=True))
+            write_text_atomic(folder / exp_layout.STAGE_CONFIG, json.dumps(stage_config, indent=1, sort_keys=True))
             save_hdf5(model, folder / exp_layout.INIT_WEIGHTS)
         # A run stopped before its first checkpoint starts over: drop its lines, as a resume drops those
         # after its checkpoint, so that no evaluation is logged twice.
@@ -189,9 +180,16 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
 
     mask_pairs = _mask_list(model, grad_mask)
     num_epochs = config.num_epochs
+    events = StageEvents(folder if writer else None, purge_step=start_epoch)
+
+    def evaluation(epoch: int) -> None:
+        top1, top5, loss = evaluate(model, test_loader)
+        log.info(format_evaluation(epoch, top1, top5, loss))
+        events.scalars(epoch, test__top1=top1, test__top5=top5, test__loss=loss)
+
     for epoch in range(start_epoch, num_epochs):
         if epoch % 2 == 0:
-            log.info(format_evaluation(epoch, *evaluate(model, test_loader)))
+            evaluation(epoch)
         started = time.perf_counter()
         with tqdm(total=iters_per_epoch, desc=f"{folder.name} {epoch + 1}/{num_epochs}", leave=False,
                   disable=not (progress and writer) or None, dynamic_ncols=True) as bar:
@@ -202,13 +200,20 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
         seconds = time.perf_counter() - started
         images_seen = iters_per_epoch * config.batch_size
         lr = lr_at((epoch + 1) * iters_per_epoch - 1)
-        log.info(f"epoch {epoch} done: mean loss {float(losses.mean()):.6f}, lr {lr:.6g}, "
+        mean_loss = float(losses.mean())
+        log.info(f"epoch {epoch} done: mean loss {mean_loss:.6f}, lr {lr:.6g}, "
                  f"{seconds:.2f} s, {images_seen / seconds:.0f} images/s")
+        events.scalars(epoch, train__loss=mean_loss, train__lr=lr, train__seconds=seconds)
+        if isinstance(optimizer, GSM) and writer:  # the epoch's last step; one readout per epoch
+            threshold = optimizer.last_threshold
+            events.scalars(epoch, gsm__active=optimizer.num_active,
+                           gsm__threshold=float(threshold) if threshold is not None else 0.0)
         if writer:
             save_checkpoint({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                              "next_epoch": epoch + 1, "log_size": log.size(), "stage_config": stage_config,
                              "torch_rng": torch.get_rng_state()}, checkpoint_path)
-    log.info(format_evaluation(num_epochs, *evaluate(model, test_loader)))
+    evaluation(num_epochs)
+    events.close()
     if writer:
         save_hdf5(model, finish_path)
         checkpoint_path.unlink(missing_ok=True)
@@ -244,7 +249,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoc
         optimizer.step()
         losses[i] = loss.detach()
         if bar is not None and not bar.disable and (i % 25 == 0 or i == iters_per_epoch - 1):
-            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.3g}", refresh=False)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.3g}", refresh=False)
             bar.update(i + 1 - bar.n)
     return losses
 

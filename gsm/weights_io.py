@@ -1,35 +1,26 @@
 """hdf5 weights files in the released code's format: one dataset per state-dict key ('/' stored as '+')."""
 import os
-from typing import Dict, Mapping, Union
+from typing import Callable, Dict, Mapping, Union
 
 import h5py
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from base_model import unwrap_model
+
 
 class WeightsFileError(ValueError):
     """A weights file that is missing, unreadable, or does not fit the model."""
 
 
-def _stored_name(key: str) -> str:
+def stored_name(key: str) -> str:
+    """The hdf5 dataset name of a state-dict key ('/' would make a group: stored as '+')."""
     return key.replace("/", "+")
 
 
-def _key_name(stored: str) -> str:
+def key_name(stored: str) -> str:
     return stored.replace("+", "/")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        # No `or` between the two: a compiled module's truth value calls len(), which a plain network lacks.
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def state_dict_of(model: nn.Module) -> Dict[str, Tensor]:
@@ -37,17 +28,14 @@ def state_dict_of(model: nn.Module) -> Dict[str, Tensor]:
     return unwrap_model(model).state_dict()
 
 
-def save_hdf5(model: Union[nn.Module, Mapping[str, Tensor]], path: Union[str, os.PathLike]) -> None:
-    """Write every state-dict entry as a numpy dataset. The file is written under a temporary name in the
-    same folder and renamed, so a crash never leaves a partial file under `path`."""
-    tensors = state_dict_of(model) if isinstance(model, nn.Module) else model
+def write_hdf5_atomic(path: Union[str, os.PathLike], write: Callable[[h5py.File], None]) -> None:
+    """Create an hdf5 file by `write(file)` under a temporary name in the same folder, fsync it and rename it,
+    so that a crash never leaves a partial file under `path`."""
     path = os.fspath(path)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
-        with h5py.File(tmp_path, "w", track_order=True) as f:  # keep the state-dict order
-            for key, value in tensors.items():
-                array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
-                f.create_dataset(_stored_name(key), data=array)
+        with h5py.File(tmp_path, "w", track_order=True) as f:  # keep the order of writing
+            write(f)
             f.flush()
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -55,6 +43,17 @@ def save_hdf5(model: Union[nn.Module, Mapping[str, Tensor]], path: Union[str, os
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def save_hdf5(model: Union[nn.Module, Mapping[str, Tensor]], path: Union[str, os.PathLike]) -> None:
+    """Write every state-dict entry as a numpy dataset, atomically (see write_hdf5_atomic)."""
+    tensors = state_dict_of(model) if isinstance(model, nn.Module) else model
+
+    def write(f: h5py.File) -> None:
+        for key, value in tensors.items():
+            array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+            f.create_dataset(stored_name(key), data=array)
+    write_hdf5_atomic(path, write)
 
 
 def read_hdf5(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
@@ -69,6 +68,11 @@ def read_hdf5(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
         raise WeightsFileError(f"{path}: the file is empty (0 bytes), not an hdf5 weights file")
     try:
         with h5py.File(path, "r") as f:
+            marked = f.attrs.get("format")
+            if marked is not None:
+                marked = marked.decode() if isinstance(marked, bytes) else marked
+                raise WeightsFileError(f"{path}: a {marked} file, not a weights file (read it with gsm.load_mask or "
+                                       f"gsm.load_sparse; display_hdf5.py shows all three)")
             arrays = {}
             for name, item in f.items():
                 if not isinstance(item, h5py.Dataset):
@@ -77,7 +81,7 @@ def read_hdf5(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
                 if value.dtype.kind not in "biuf":  # e.g. strings or records: not a tensor
                     raise WeightsFileError(f"{path}: '{name}' holds {value.dtype} data; a weights file holds "
                                            f"only numeric arrays")
-                arrays[_key_name(name)] = value
+                arrays[key_name(name)] = value
     except OSError as exc:
         raise WeightsFileError(f"{path}: not a readable hdf5 file ({exc.__class__.__name__})") from exc
     if not arrays:

@@ -66,6 +66,14 @@ def call_script(script: str, argv: List, monkeypatch, capsys) -> Tuple[object, s
 
 
 def fingerprint(root: Path) -> Dict[str, Tuple[str, int]]:
-    """{relative path: (sha256 of the bytes, mtime_ns)} of every file under root."""
+    """{relative path: (sha256 of the bytes, mtime_ns)} of every file under root, but the run locks (which
+    every run takes, and which hold no result)."""
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and ".locks" not in p.relative_to(root).parts}
+
+
+def entries(folder: Path) -> List[str]:
+    """The sorted names in a folder, without the run locks' folder and the TensorBoard event files (one more
+    each time a stage resumes)."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.name != ".locks" and not p.name.startswith("events.out.tfevents"))

@@ -38,6 +38,7 @@ RC_SMOKE = ["--scale", "0.002", "--device", "cpu", "--no-progress"]
 MNIST_FIX = "point MNIST_PATH (or the data root argument) at the folder holding the dataset"
 CIFAR_FIX = "point CIFAR10_PATH (or the data root argument) at the folder holding the dataset"
 LENET_BASE_DIR = Path(exp_layout.LOTTERY_EXPS) / "lottery_lenet300_base"
+LENET_GSM_DIR = Path(exp_layout.LOTTERY_EXPS) / "lottery_lenet300_compress60_gsm"
 RC_BASE_DIR = Path(exp_layout.GSM_EXPS) / "rc56_base_train"
 INIT, FINISH = exp_layout.INIT_WEIGHTS, exp_layout.FINISH_WEIGHTS
 CONFIG, CHECKPOINT = exp_layout.STAGE_CONFIG, exp_layout.CHECKPOINT
@@ -179,7 +180,8 @@ USAGE_CASES = [
           (["nan"], RATIO_MESSAGE + "'nan'"),
           (["inf"], RATIO_MESSAGE + "'inf'"),
           (["1e300"], "compression ratio 1e+300 keeps none of the "),
-          (["60", "60"], "unrecognized arguments: 60"),
+          (["60", "30", "abc"], "compression ratio must be a number > 1, got 'abc'"),  # a sweep: checked first
+          (["60", "1e300"], "compression ratio 1e+300 keeps none of the "),
           (["60", "--bogus"], "unrecognized arguments: --bogus"),
           (["60", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
           (["60", "--scale", "-1"], "argument --scale: expected a positive number, got '-1'"),
@@ -211,12 +213,13 @@ USAGE_CASES = [
         (["--root"], "argument --root: expected one argument"),
         (["--root", "MISSING"], "--root MISSING: not a folder; pass the folder that holds gsm_exps/"),
         (["--root", "FILE"], "--root FILE: not a folder; pass the folder that holds gsm_exps/"),
-        (["extra"], "unrecognized arguments: extra"),
+        (["extra"], "extra: not a folder; pass the folder that holds gsm_exps/"),  # roots are positional
+        (["--plot", "out.txt"], "out.txt: the plot is written as .png or .pdf"),
     ]],
     *[pytest.param("display_hdf5", args, message, id=f"display_hdf5: {' '.join(args) or 'no file'}")
       for args, message in [
           ([], "the following arguments are required: file"),
-          (["a.hdf5", "b.hdf5"], "unrecognized arguments: b.hdf5"),
+          (["a.hdf5", "--plot", "a.hdf5"], "a.hdf5: the plot is written as .png or .pdf"),
           (["a.hdf5", "--bogus"], "unrecognized arguments: --bogus"),
       ]],
 ]
@@ -239,7 +242,8 @@ def test_file_in_the_way_of_a_stage_folder(inputs, tmp_path, monkeypatch, capsys
     before = fingerprint(out_root)
     status, out, err = call_script("lenet300", ["60", *LENET_SMOKE, "--out-root", out_root, "--data-root",
                                                 inputs["mnist"]], monkeypatch, capsys)
-    assert_one_line_error(status, out, err, "lenet300", 1, f"Not a directory ({out_root / LENET_BASE_DIR}); fix "
+    # The first folder the run takes is its GSM folder (its lock, before anything is written).
+    assert_one_line_error(status, out, err, "lenet300", 1, f"Not a directory ({out_root / LENET_GSM_DIR}); fix "
                           "that path, then run the same command again")
     assert fingerprint(out_root) == before
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import dataset
+from crafted import MakesFolder
 
 MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -691,3 +692,75 @@ def test_build_loaders_mnist_and_cifar(tmp_path):
 def test_build_loaders_reports_missing_data(tmp_path):
     with pytest.raises(dataset.DatasetError, match="CIFAR10_PATH"):
         dataset.build_loaders("cifar10", 8, "cpu", root=str(tmp_path), download=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CIFAR-10 pickles from elsewhere: only the dataset's own types are built
+
+
+def _short_string(value: bytes) -> bytes:
+    """SHORT_BINSTRING: a Python 2 `str`, which unpickles as bytes under encoding="bytes"."""
+    return b"U" + bytes([len(value)]) + value
+
+
+def _small_int(value: int) -> bytes:
+    return b"K" + bytes([value]) if 0 <= value < 256 else b"M" + struct.pack("<H", value)
+
+
+def canonical_cifar_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch byte for byte in the form of the dataset's own files, assembled opcode by opcode: written by
+    Python 2 at protocol 2 with numpy 1, so the array names numpy.core.multiarray._reconstruct, numpy.ndarray
+    and numpy.dtype, and strings are Python 2 byte strings (the dict's keys among them)."""
+    rows, width = data.shape
+    dtype = (b"cnumpy\ndtype\n" + _short_string(b"u1") + _small_int(0) + _small_int(1) + b"\x87R"
+             + b"(" + _small_int(3) + _short_string(b"|") + b"NNN" + b"J" + struct.pack("<i", -1)
+             + b"J" + struct.pack("<i", -1) + _small_int(0) + b"tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + _small_int(0) + b"\x85"
+             + _short_string(b"b") + b"\x87R"
+             + b"(" + _small_int(1) + _small_int(rows) + _small_int(width) + b"\x86" + dtype + b"\x89"
+             + b"T" + struct.pack("<I", data.nbytes) + data.tobytes() + b"tb")
+    label_list = b"](" + b"".join(_small_int(v) for v in labels) + b"e"
+    names = b"](" + b"".join(_short_string(b"img%d.png" % i) for i in range(rows)) + b"e"
+    return (b"\x80\x02}(" + _short_string(b"batch_label") + _short_string(b"training batch 1 of 5")
+            + _short_string(b"labels") + label_list + _short_string(b"data") + array
+            + _short_string(b"filenames") + names + b"u.")
+
+
+def test_canonical_cifar_batch_is_read(tmp_path):
+    rng = np.random.default_rng(4)
+    data, labels = rng.integers(0, 256, (3, 3072), dtype=np.uint8), [7, 0, 9]
+    raw = canonical_cifar_pickle(data, labels)
+    plain = pickle.loads(raw, encoding="bytes")  # the assembly is a valid pickle of the dataset's form
+    assert np.array_equal(plain[b"data"], data) and plain[b"labels"] == labels
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(raw)
+    images, read_labels = dataset.read_cifar_batch(str(path))
+    assert np.array_equal(images, data.reshape(3, 3, 32, 32)) and read_labels.tolist() == labels
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_batch_resaved_by_numpy_2_is_read(tmp_path, protocol):
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    path = tmp_path / "test_batch"
+    path.write_bytes(pickle.dumps({b"labels": [1, 2], b"data": data, b"batch_label": b"x"}, protocol=protocol))
+    images, labels = dataset.read_cifar_batch(str(path))
+    assert np.array_equal(images.reshape(2, 3072), data) and labels.tolist() == [1, 2]
+
+
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    folder = tmp_path / "cifar-10-batches-py"
+    make_cifar(folder)
+    crafted = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"payload": MakesFolder(str(marker))}
+    (folder / "data_batch_1").write_bytes(pickle.dumps(crafted, protocol=2))
+    with pytest.raises(dataset.DatasetError) as caught:
+        dataset.load_cifar10(True, root=str(tmp_path), download=False)
+    message = str(caught.value)
+    assert "data_batch_1" in message and "CIFAR10_PATH" in message and "refused os.makedirs" in message
+    assert "\n" not in message and not marker.exists()
+    # The same payload inside an array of objects: refused too.
+    objects = np.array([MakesFolder(str(marker))], dtype=object)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": objects, b"labels": [0]}, protocol=2))
+    with pytest.raises(dataset.DatasetError, match="refused"):
+        dataset.load_cifar10(True, root=str(tmp_path), download=False)
+    assert not marker.exists()

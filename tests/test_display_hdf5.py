@@ -133,3 +133,26 @@ def test_usage_errors_and_help(runs):
     help_text = runs["help"]
     assert help_text.returncode == 0
     assert "usage:" in help_text.stdout and "file" in help_text.stdout
+
+
+def test_plot_draws_each_files_layer_densities_side_by_side(tmp_path: Path) -> None:
+    import display_hdf5
+
+    torch.manual_seed(0)
+    files = {}
+    for name, ratio in (("dense", 1.0), ("sparse", 0.01)):
+        model = build_model("lenet300")
+        if ratio < 1.0:
+            apply_mask_to_weights(model, global_magnitude_mask(model, ratio))
+        files[name] = tmp_path / f"{name}.hdf5"
+        save_hdf5(model, files[name])
+    arrays = {name: display_hdf5.read_hdf5(path) for name, path in files.items()}
+    layers, counts = display_hdf5.layer_densities(arrays)
+    assert layers == ["linear1.weight", "linear2.weight", "linear3.weight"]
+    assert counts["dense"] == [(235200, 235200), (30000, 30000), (1000, 1000)]
+    assert [elements for elements, _ in counts["sparse"]] == [235200, 30000, 1000]
+    assert sum(nonzeros for _, nonzeros in counts["sparse"]) == 266200 - int(266200 * (1 - 0.01))
+    plot = tmp_path / "density.png"
+    assert display_hdf5.main([str(files["dense"]), str(files["sparse"]), "--plot", str(plot)]) == 0
+    data = plot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 200_000

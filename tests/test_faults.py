@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +27,14 @@ import gsm
 import gsm.trainer as trainer
 from base_model import build_model
 from conftest import write_fake_mnist
+from crafted import MakesFolder
 from gsm import exp_layout
 from gsm.checkpoint import remove_stale_temp_files
 from gsm.experiment_config import TrainConfig
 from gsm.trainer import TrainingDiverged, train_stage
-from gsm.weights_io import unwrap_model
+from base_model import unwrap_model
 from loader_hooks import BatchHookLoader, nan_images
-from script_runs import call_script, fingerprint, run_script
+from script_runs import call_script, entries, fingerprint, run_script
 
 # 2048 training images at the LeNet batch of 256: 8 iterations per epoch. At --scale 0.01 every stage runs
 # 2 epochs (base and retrains: 200 x 0.01; GSM: 240 x 0.01 rounded). Ratio 5 keeps weights in every layer,
@@ -141,7 +143,7 @@ def observe(out_root: Path) -> dict:
         checkpoint = folder / CHECKPOINT
         state[kind] = {
             "files": fingerprint(folder),
-            "checkpoint": torch.load(checkpoint, weights_only=False)["next_epoch"] if checkpoint.exists() else None,
+            "checkpoint": torch.load(checkpoint, weights_only=True)["next_epoch"] if checkpoint.exists() else None,
             "log": (folder / LOG).read_text() if (folder / LOG).exists() else "",
         }
     return state
@@ -201,7 +203,7 @@ def assert_same_results(out_root: Path, reference_root: Path) -> None:
     for bit, the same configuration and the same sequence of logged events."""
     for kind, name in FOLDERS.items():
         folder, expected = exps(out_root) / name, exps(reference_root) / name
-        assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in expected.iterdir()), kind
+        assert entries(folder) == entries(expected), kind
         for file_name in (INIT, FINISH, PRUNED):
             if (expected / file_name).exists():
                 assert_same_arrays(folder / file_name, expected / file_name)
@@ -217,7 +219,7 @@ def test_reference_run(fault_runs):
     reference = fault_runs.reference
     assert reference.returncode == 0, reference.stderr[-3000:]
     folders = {kind: exps(fault_runs.reference_root) / name for kind, name in FOLDERS.items()}
-    assert sorted(p.name for p in exps(fault_runs.reference_root).iterdir()) == sorted(FOLDERS.values())
+    assert entries(exps(fault_runs.reference_root)) == sorted(FOLDERS.values())
     # What the comparisons compare: each stage starts once and evaluates at epochs 0 and 2; GSM also prunes.
     for kind, folder in folders.items():
         logged = events(folder / LOG)
@@ -347,8 +349,8 @@ def test_disk_full_during_a_checkpoint_write(fault_runs, tmp_path, monkeypatch, 
     assert lines[0].startswith("gsm_lottery_ticket_lenet300.py: error: No space left on device; free some disk "
                                "space, then run the same command again to resume"), lines[0]
     # The previous checkpoint is intact and loadable, and the half-written temp file is gone.
-    assert sorted(p.name for p in base.iterdir()) == sorted([CHECKPOINT, CONFIG, INIT, LOG])
-    checkpoint = torch.load(base / CHECKPOINT, weights_only=False)
+    assert entries(base) == sorted([CHECKPOINT, CONFIG, INIT, LOG])
+    checkpoint = torch.load(base / CHECKPOINT, weights_only=True)
     assert checkpoint["next_epoch"] == 1
     assert all(bool(torch.isfinite(v).all()) for v in checkpoint["model"].values())
     assert not (exps(out_root) / FOLDERS["gsm"]).exists()
@@ -405,8 +407,8 @@ def test_divergence_stops_the_script_in_one_line_and_keeps_the_checkpoint(kind, 
     assert lines[0].startswith(f"gsm_lottery_ticket_lenet300.py: error: {message}"), lines[0]
     base = exps(out_root) / FOLDERS["base"]
     assert f"{base / CHECKPOINT} is kept: lower the learning rate or check the data, then rerun to resume" in lines[0]
-    assert sorted(p.name for p in base.iterdir()) == sorted([CHECKPOINT, CONFIG, INIT, LOG])
-    checkpoint = torch.load(base / CHECKPOINT, weights_only=False)
+    assert entries(base) == sorted([CHECKPOINT, CONFIG, INIT, LOG])
+    checkpoint = torch.load(base / CHECKPOINT, weights_only=True)
     assert checkpoint["next_epoch"] == 1
     assert all(bool(torch.isfinite(v).all()) for v in checkpoint["model"].values())
     log = (base / LOG).read_text()
@@ -433,7 +435,7 @@ def test_non_finite_weights_with_finite_losses_then_resume(mnist_loaders, tmp_pa
         train_stage(lenet300(), folder, SMALL, train, test, stage_config=STAGE, progress=False)
     assert str(info.value).startswith("non-finite weights after epoch 1, iteration 7 (global iteration 15; every "
                                       "loss of the epoch was finite) in linear2.bias; the last good checkpoint")
-    assert torch.load(folder / CHECKPOINT, weights_only=False)["next_epoch"] == 1
+    assert torch.load(folder / CHECKPOINT, weights_only=True)["next_epoch"] == 1
     assert not (folder / FINISH).exists()
 
     # The cause removed, the same call resumes from the kept checkpoint and ends like a clean run.
@@ -458,3 +460,27 @@ def test_divergence_in_the_first_epoch_says_there_is_no_checkpoint(mnist_loaders
         "non-finite loss at epoch 0, iteration 3 (global iteration 3); no epoch of this stage had finished, so "
         "there is no checkpoint: lower the learning rate or check the data, then rerun to start the stage again")
     assert not (folder / CHECKPOINT).exists() and not (folder / FINISH).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A checkpoint from elsewhere must not run code
+
+
+def test_crafted_checkpoint_is_refused_without_running_it(fault_runs, tmp_path):
+    """A checkpoint.pt whose unpickling would create a folder, planted in the unfinished magnitude retrain: the
+    script stops in one line that says how to recover, exit 1; the folder never appears; every other file is
+    as it was."""
+    out_root = tmp_path / "out"
+    shutil.copytree(fault_runs.reference_root, out_root)
+    folder = exps(out_root) / FOLDERS["magnitude_retrain"]
+    (folder / FINISH).unlink()
+    marker = tmp_path / "marker"
+    torch.save({"model": {}, "next_epoch": 1, "payload": MakesFolder(str(marker))}, folder / CHECKPOINT)
+    before = fingerprint(out_root)
+    result = run_script("lenet300", [*ARGS, "--out-root", out_root, "--data-root", fault_runs.data_root], tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused to load" in lines[0] and f"delete {CHECKPOINT}" in lines[0], lines
+    assert "weights_only=False" not in lines[0]  # no advice to load it anyway
+    assert not marker.exists()
+    assert fingerprint(out_root) == before

@@ -23,6 +23,7 @@ from gsm import GSM, exp_layout
 from gsm.cli import run_main
 from gsm.experiment_config import RunOptions
 from gsm.lottery import LotteryConfig, run_lottery
+from script_runs import entries
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {net: REPO_ROOT / "gsm" / f"gsm_lottery_ticket_{net}.py" for net in ("lenet300", "lenet5")}
@@ -78,9 +79,9 @@ def evaluations(log: Path) -> list:
 
 
 def snapshot(root: Path) -> dict:
-    """{relative path: (bytes, mtime_ns)} of every file under root."""
+    """{relative path: (bytes, mtime_ns)} of every file under root but the run locks (no result in them)."""
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and ".locks" not in p.relative_to(root).parts}
 
 
 def check_lottery_folders(out_root: Path, net: str, ratio: int, recipe: str = "", gsm_epochs=(0, 2)) -> dict:
@@ -90,8 +91,9 @@ def check_lottery_folders(out_root: Path, net: str, ratio: int, recipe: str = ""
     folders = {kind: exps(out_root) / name for kind, name in names.items()}
     stage_files = {exp_layout.INIT_WEIGHTS, exp_layout.FINISH_WEIGHTS, exp_layout.LOG, exp_layout.STAGE_CONFIG}
     for kind, folder in folders.items():
-        expected_files = stage_files | ({exp_layout.PRUNED_WEIGHTS} if kind == "gsm" else set())
-        assert {p.name for p in folder.iterdir()} == expected_files, folder  # no checkpoint or temp file left
+        expected_files = stage_files | ({exp_layout.PRUNED_WEIGHTS} if kind == "gsm" else {exp_layout.MASK}
+                                        if kind.endswith("retrain") else set())
+        assert set(entries(folder)) == expected_files, folder  # no checkpoint or temp file left
 
     # The base and the retrains run 2 epochs (200 x 0.01): evaluations at epochs 0 and 2.
     for kind, folder in folders.items():
@@ -133,6 +135,8 @@ def check_lottery_folders(out_root: Path, net: str, ratio: int, recipe: str = ""
             else:
                 assert torch.equal(v, base_init[k]), (kind, k)  # biases are not masked
         assert sum(int(torch.count_nonzero(ticket[k])) for k in prunable) == kept
+        saved = gsm.load_mask(folders[kind] / exp_layout.MASK)  # the ticket's mask, kept beside it
+        assert saved.keys() == mask.keys() and all(torch.equal(saved[k], mask[k]) for k in mask), kind
     return folders
 
 
@@ -154,7 +158,7 @@ def test_lenet300_lottery_end_to_end(lenet300_run):
     out_root, result, _ = lenet300_run
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in exps(out_root).iterdir()) == sorted(folder_names("lenet300", 60).values())
+    assert entries(exps(out_root)) == sorted(folder_names("lenet300", 60).values())
     folders = check_lottery_folders(out_root, "lenet300", 60)
     # The GSM run trains: its result differs from the base it started from.
     assert not np.array_equal(gsm.read_hdf5(folders["gsm"] / exp_layout.FINISH_WEIGHTS)["linear1.weight"],
@@ -186,9 +190,9 @@ def test_released_recipe_has_its_own_gsm_folders(lenet300_run, tmp_path, mnist_r
     status, _, err = call_script("lenet300", ["60", "--recipe", "released", *SMOKE, "--out-root", out_root,
                                               "--data-root", mnist_root], monkeypatch, capsys)
     assert status == 0, err
-    assert sorted(p.name for p in exps(out_root).iterdir()) == sorted(
+    assert entries(exps(out_root)) == sorted(
         set(folder_names("lenet300", 60).values()) | set(folder_names("lenet300", 60, "released").values()))
-    assert "lottery_lenet300_compress60_released_gsm" in {p.name for p in exps(out_root).iterdir()}
+    assert "lottery_lenet300_compress60_released_gsm" in set(entries(exps(out_root)))
     for kind, files in shared.items():
         assert snapshot(exps(out_root) / folder_names("lenet300", 60)[kind]) == files, kind
     # The released recipe runs 3 GSM epochs (280 x 0.01 = 2.8): evaluations at 0, 2 and 3.
@@ -205,9 +209,13 @@ def test_show_log_lists_the_experiments(lenet300_run):
     assert shown.returncode == 0, shown.stderr
     rows = shown.stdout.splitlines()
     names = folder_names("lenet300", 60)
-    assert [row.split()[0] for row in rows] == sorted(names.values())
+    pruned_name = names["gsm"] + "_pruned"
+    assert [row.split()[0] for row in rows] == sorted([*names.values(), pruned_name])
     for row in rows:
-        assert "n=2" in row.split() and "last_epoch=2" in row.split(), row
+        if row.startswith(pruned_name):  # the hard-pruned model: one evaluation, its kept count
+            assert "n=1" in row.split() and "kept=4437/266200" in row.split(), row
+        else:
+            assert "n=2" in row.split() and "last_epoch=2" in row.split(), row
     # The base row's top1 is the mean of its log's two evaluations.
     base_top1 = [float(re.search(r"top1=(\S+),", line).group(1))
                  for _, line in evaluations(exps(out_root) / names["base"] / exp_layout.LOG)]
@@ -240,7 +248,7 @@ def test_lenet5_lottery_end_to_end(tmp_path, mnist_root, monkeypatch, capsys, si
     assert status == 0, err
     assert layouts == [(True, True, True)] * 4  # base, GSM, the two retrains
     assert "hard-pruned model: kept 3444 of 430500" in out
-    assert sorted(p.name for p in exps(out_root).iterdir()) == sorted(folder_names("lenet5", 125).values())
+    assert entries(exps(out_root)) == sorted(folder_names("lenet5", 125).values())
     check_lottery_folders(out_root, "lenet5", 125)
 
 
@@ -409,7 +417,7 @@ def test_interrupt_exits_130_and_the_rerun_completes(tmp_path, mnist_root, monke
 def _config(out_root: Path, mnist_root: Path) -> LotteryConfig:
     options = RunOptions(scale=0.01, device="cpu", seed=0, out_root=str(out_root), data_root=str(mnist_root),
                          progress=False)
-    return LotteryConfig("lenet300", 5.0, "paper", options)
+    return LotteryConfig("lenet300", (5.0,), "paper", options)
 
 
 def test_interrupted_gsm_stage_resumes_to_the_uninterrupted_result(tmp_path, mnist_root, monkeypatch,
@@ -434,13 +442,13 @@ def test_interrupted_gsm_stage_resumes_to_the_uninterrupted_result(tmp_path, mni
 
     names = folder_names("lenet300", 5)
     gsm_folder = exps(resumed_root) / names["gsm"]
-    assert torch.load(gsm_folder / exp_layout.CHECKPOINT, weights_only=False)["next_epoch"] == 1
+    assert torch.load(gsm_folder / exp_layout.CHECKPOINT, weights_only=True)["next_epoch"] == 1
     assert not (gsm_folder / exp_layout.FINISH_WEIGHTS).exists()
-    assert sorted(p.name for p in exps(resumed_root).iterdir()) == [names["base"], names["gsm"]]
+    assert entries(exps(resumed_root)) == [names["base"], names["gsm"]]
     base_files = snapshot(exps(resumed_root) / names["base"])
 
     resumed = run_lottery(_config(resumed_root, mnist_root))
-    assert set(resumed) == set(clean) == {"base", "gsm", "gsm_retrain", "magnitude_retrain"}
+    assert set(resumed[5.0]) == set(clean[5.0]) == {"base", "gsm", "gsm_retrain", "magnitude_retrain"}
     assert snapshot(exps(resumed_root) / names["base"]) == base_files  # the base was not retrained
     gsm_log = (gsm_folder / exp_layout.LOG).read_text()
     assert gsm_log.count("resumed from checkpoint.pt at epoch 1") == 1
@@ -461,3 +469,41 @@ def test_interrupted_gsm_stage_resumes_to_the_uninterrupted_result(tmp_path, mni
         assert kept.sum() > 1000 and (finish[kept] != ticket[kept]).mean() > 0.99, kind
         losses = [float(line.rsplit("loss=", 1)[1]) for _, line in evaluations(folders[kind] / exp_layout.LOG)]
         assert losses[-1] < losses[0], (kind, losses)
+
+
+def test_a_run_on_a_terminal_prints_progress_and_log_lines_only(tmp_path, mnist_root):
+    """Under a pseudo-terminal (so that the progress bars draw, as for a user at a console), the console shows
+    no warning of any kind."""
+    import pty
+    import select
+
+    import fcntl
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size
+    process = subprocess.Popen([sys.executable, str(SCRIPTS["lenet300"]), "5", "--scale", "0.01", "--device", "cpu",
+                                "--out-root", str(tmp_path / "out"), "--data-root", str(mnist_root)],
+                               cwd=tmp_path, env=script_env(), stdin=secondary,
+                               stdout=secondary, stderr=secondary, close_fds=True)
+    os.close(secondary)
+    output = b""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ready, _, _ = select.select([primary], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal closed: the process ended
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif process.poll() is not None:
+            break
+    os.close(primary)
+    assert process.wait(timeout=60) == 0, output.decode(errors="replace")[-2000:]
+    text = output.decode(errors="replace")
+    assert "validate at epoch" in text and ("it/s" in text or "s/it" in text)  # log lines and progress bars
+    assert "Warning" not in text and "warn" not in text.lower(), text[-3000:]

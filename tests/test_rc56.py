@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from crafted import MakesFolder
 from gsm.pruning import sparsity_report
 from gsm.weights_io import read_hdf5
+from script_runs import entries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,8 +41,8 @@ def test_rc56_smoke_run_writes_base_gsm_and_a_10x_pruned_model(tmp_path):
                         "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     base, gsm_dir = out / "gsm_exps" / "rc56_base_train", out / "gsm_exps" / "rc56_gsm"
-    assert sorted(p.name for p in base.iterdir()) == ["config.json", "finish.hdf5", "init.hdf5", "log.txt"]
-    assert sorted(p.name for p in gsm_dir.iterdir()) == ["config.json", "finish.hdf5", "finish_pruned.hdf5",
+    assert entries(base) == ["config.json", "finish.hdf5", "init.hdf5", "log.txt"]
+    assert entries(gsm_dir) == ["config.json", "finish.hdf5", "finish_pruned.hdf5",
                                                          "init.hdf5", "log.txt"]
     # GSM starts from the base result, BatchNorm buffers included.
     base_finish, gsm_init = read_hdf5(base / "finish.hdf5"), read_hdf5(gsm_dir / "init.hdf5")
@@ -96,3 +98,20 @@ def test_compiled_training_matches_eager_training(tmp_path):
     for name in runs:
         log = (tmp_path / name / "gsm_exps" / "rc20_gsm" / "log.txt").read_text()
         assert "hard-pruned model: kept 27090 of 270896 prunable weights" in log, name
+
+
+def test_crafted_cifar_batch_stops_the_script_without_running_it(tmp_path):
+    """A data_batch_1 whose unpickling would create a folder: the script stops in one line naming the file and
+    the variable that chooses the dataset, exit 1, and the folder never appears."""
+    data = write_fake_cifar10(tmp_path / "data")
+    marker = tmp_path / "marker"
+    crafted = {b"batch_label": b"x", b"labels": [0], b"data": np.zeros((1, 3072), np.uint8),
+               b"extra": MakesFolder(marker)}
+    (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(pickle.dumps(crafted, protocol=2))
+    result = run_script("--scale", "0.002", "--device", "cpu", "--data-root", str(data), "--out-root",
+                        str(tmp_path / "out"), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data_batch_1" in lines[0] and "refused os.makedirs" in lines[0], lines
+    assert "CIFAR10_PATH" in lines[0]
+    assert not marker.exists()

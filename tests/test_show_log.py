@@ -280,3 +280,95 @@ def test_script_runs_from_the_command_line(experiments: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert [tokens(line) for line in result.stdout.splitlines()] == [expected_tokens(row) for row in EXPECTED_ROWS]
+
+
+# ---- hard-pruned rows, several roots, plots ---------------------------------------------------------------
+
+def pruned_line(kept: int, prunable: int, top1: float, top5: float = 99.9, loss: float = 0.06) -> str:
+    """The GSM stage's hard-prune record exactly as gsm/pipeline.py logs it."""
+    q = kept - 1
+    return (f"{STAMP}hard-pruned model: kept {kept} of {prunable} prunable weights (Q = {q}, compression "
+            f"{prunable / kept:.2f}x); before pruning {kept + 400} weights had |w| > 0.01 ({(kept + 400) / q:.3f} x Q); "
+            f"top1={top1:.5f}, top5={top5:.5f}, loss={loss:.6f}\n")
+
+
+def lottery_root(root: Path, ratios: dict[int, tuple[float, float, float]], shift: float = 0.0) -> Path:
+    """A lottery results tree: for each ratio R, (hard-pruned, GSM ticket, magnitude ticket) top-1, each
+    raised by `shift`; the base and GSM curves are ramps."""
+    lottery = root / "gsm_lottery_ticket_exps"
+    write_log(lottery / "lottery_lenet300_base" / "log.txt", log_of(ramp(12)))
+    for ratio, (pruned, gsm_ticket, magnitude) in ratios.items():
+        prefix = lottery / f"lottery_lenet300_compress{ratio}"
+        kept = 266200 // ratio + 1
+        write_log(Path(f"{prefix}_gsm") / "log.txt", log_of(ramp(12)) + pruned_line(kept, 266200, pruned + shift))
+        for kind, value in (("gsm_retrain", gsm_ticket), ("magnitude_retrain", magnitude)):
+            write_log(Path(f"{prefix}_{kind}") / "log.txt",
+                      log_of([Evaluation(2 * i, value + shift, 99.0, 0.1) for i in range(10)]))
+    return root
+
+
+def test_hard_pruned_rows_and_grep(tmp_path: Path, capsys) -> None:
+    root = lottery_root(tmp_path, {60: (98.28, 98.09, 96.58)})
+    # A log cut short inside its prune line (no newline): no pruned row for it.
+    write_log(root / "gsm_lottery_ticket_exps" / "lottery_lenet300_compress30_gsm" / "log.txt",
+              log_of(ramp(3)) + pruned_line(8874, 266200, 98.0)[:-40])
+    assert main([str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [tokens(line)["name"] for line in lines]
+    assert names == ["lottery_lenet300_base", "lottery_lenet300_compress30_gsm", "lottery_lenet300_compress60_gsm",
+                     "lottery_lenet300_compress60_gsm_pruned", "lottery_lenet300_compress60_gsm_retrain",
+                     "lottery_lenet300_compress60_magnitude_retrain"]
+    pruned = [tokens(line) for line in lines if "pruned" in line]
+    assert pruned == [{"name": "lottery_lenet300_compress60_gsm_pruned", "top1": "98.280", "top5": "99.900",
+                       "loss": "0.060000", "n": "1", "last_epoch": "-", "kept": "4437/266200",
+                       "compression": "60.00x"}]
+    assert [tokens(line)["name"] for line in lines if "retrain" in line] == [
+        "lottery_lenet300_compress60_gsm_retrain", "lottery_lenet300_compress60_magnitude_retrain"]
+
+
+def test_several_roots_give_mean_and_spread(tmp_path: Path, capsys) -> None:
+    roots = [lottery_root(tmp_path / f"seed{i}", {60: (98.0, 98.1, 96.5)}, shift=0.1 * i) for i in range(3)]
+    (roots[2] / "gsm_lottery_ticket_exps" / "lottery_lenet300_compress60_magnitude_retrain" / "log.txt").unlink()
+    assert main([str(root) for root in roots]) == 0
+    rows = {tokens(line)["name"]: tokens(line) for line in capsys.readouterr().out.splitlines()}
+    assert rows["lottery_lenet300_compress60_gsm_pruned"]["top1"] == "98.100+-0.100"
+    assert rows["lottery_lenet300_compress60_gsm_pruned"]["roots"] == "3/3"
+    assert rows["lottery_lenet300_compress60_gsm_pruned"]["kept"] == "4437"
+    assert rows["lottery_lenet300_compress60_gsm_retrain"]["top1"] == "98.200+-0.100"
+    magnitude = rows["lottery_lenet300_compress60_magnitude_retrain"]
+    assert magnitude["top1"] == "96.550+-0.071" and magnitude["roots"] == "2/3"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_draws_curves_and_accuracy_against_compression(tmp_path: Path, capsys) -> None:
+    root = lottery_root(tmp_path / "run", {10: (98.3, 98.3, 98.2), 60: (98.28, 98.09, 96.58), 240: (96.0, 97.5, 70.0)})
+    # What the plot draws: a curve per experiment (with its hard-pruned point), and the three compression lines.
+    experiments = show_log.read_experiments(root)
+    curves = show_log.curves([experiments])
+    assert list(curves) == ["lenet300"]
+    gsm60 = next(c for c in curves["lenet300"] if c[0] == "lottery_lenet300_compress60_gsm")
+    assert gsm60[1] == [2 * i for i in range(12)] and gsm60[2][0] == 80.0 and gsm60[3] == 98.28
+    points = show_log.compression_points([experiments])["lenet300"]
+    assert points == {"GSM, hard-pruned": [(10.0, 98.3), (60.0, 98.28), (240.0, 96.0)],
+                      "GSM ticket": [(10.0, 98.3), (60.0, 98.09), (240.0, 97.5)],
+                      "magnitude ticket": [(10.0, 98.2), (60.0, 96.58), (240.0, 70.0)]}
+    plot = tmp_path / "results.png"
+    assert main([str(root), "--plot", str(plot)]) == 0
+    width, height = png_size(plot)
+    assert width == 2 * 640 and height == 460  # two panels: the curves and the compression sweep
+    assert 10_000 < plot.stat().st_size < 200_000
+    assert capsys.readouterr().err.strip() == f"plot written to {plot}"
+
+
+@pytest.mark.parametrize("name, reason", [("plot.jpg", ".png or .pdf"), ("missing/plot.png", "cannot write")])
+def test_plot_path_is_checked_before_reading(tmp_path: Path, capsys, name: str, reason: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--plot", str(tmp_path / name)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert reason in err and len(err.strip().splitlines()) == 2  # argparse: usage line, then the error line

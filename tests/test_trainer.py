@@ -15,6 +15,7 @@ from gsm import exp_layout
 from gsm.experiment_config import LENET_BASE, LENET_GSM, TrainConfig, gsm_config
 from gsm.trainer import StageConfigMismatch, TrainingDiverged, evaluate, param_groups, train_stage
 from loader_hooks import BatchHookLoader, keyboard_interrupt, nan_images
+from script_runs import entries
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -197,7 +198,7 @@ def test_train_stage_writes_the_stage_files(mnist_loaders, tmp_path):
     folder = tmp_path / "nested" / "stage"
     assert train_stage(model, folder, SMALL, train, test, stage_config=STAGE, progress=False) == "trained"
 
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
+    assert entries(folder) == sorted(
         [exp_layout.INIT_WEIGHTS, exp_layout.FINISH_WEIGHTS, exp_layout.LOG, exp_layout.STAGE_CONFIG])
     assert not (folder / exp_layout.CHECKPOINT).exists()
     assert_same_weights(gsm.read_hdf5(folder / exp_layout.INIT_WEIGHTS), start)
@@ -268,7 +269,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(mnist_loaders, tmp_pat
     interrupting = BatchHookLoader(train, 5, keyboard_interrupt, epoch=2)
     with pytest.raises(KeyboardInterrupt):
         train_stage(fresh_lenet300(), b_folder, config, interrupting, test, stage_config=stage, progress=False)
-    checkpoint = torch.load(b_folder / exp_layout.CHECKPOINT, weights_only=False)
+    checkpoint = torch.load(b_folder / exp_layout.CHECKPOINT, weights_only=True)
     assert checkpoint["next_epoch"] == 2
     assert not (b_folder / exp_layout.FINISH_WEIGHTS).exists()
     assert [e for e, _ in evaluations(b_folder / exp_layout.LOG)] == [0, 2]  # epoch 2's, logged before the cut
@@ -327,7 +328,7 @@ def test_interrupt_after_the_last_checkpoint_finishes_without_training(mnist_loa
     with pytest.raises(KeyboardInterrupt):
         train_stage(interrupted, folder, SMALL, train, test, stage_config=STAGE, progress=False)
     monkeypatch.setattr(trainer, "save_hdf5", original_save)
-    assert torch.load(folder / exp_layout.CHECKPOINT, weights_only=False)["next_epoch"] == SMALL.num_epochs
+    assert torch.load(folder / exp_layout.CHECKPOINT, weights_only=True)["next_epoch"] == SMALL.num_epochs
 
     resumed = fresh_lenet300(seed=5)
     assert train_stage(resumed, folder, SMALL, train, test, stage_config=STAGE, progress=False) == "resumed"
@@ -348,7 +349,7 @@ def test_nan_loss_names_epoch_and_iteration_and_keeps_last_checkpoint(mnist_load
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at epoch 1, iteration 3 \(global iteration 11\)"):
         train_stage(fresh_lenet300(), folder, SMALL, poisoned, test, stage_config=STAGE, progress=False)
     assert not (folder / exp_layout.FINISH_WEIGHTS).exists()
-    checkpoint = torch.load(folder / exp_layout.CHECKPOINT, weights_only=False)
+    checkpoint = torch.load(folder / exp_layout.CHECKPOINT, weights_only=True)
     assert checkpoint["next_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
@@ -451,3 +452,41 @@ def test_evaluation_neither_compiles_nor_recompiles_the_training_graph(mnist_loa
     assert counters["frames"]["total"] == counters["stats"]["unique_graphs"] == 1
     assert evaluate(model, test) == evaluate(plain, test)  # the same eager module, in float32
     assert counters["frames"]["total"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TensorBoard scalars
+
+
+def scalar_steps(folder: Path) -> dict:
+    """{tag: [steps]} as TensorBoard reads the folder's event files (dropping the points a resumed writer
+    purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    return {tag: [event.step for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_once_per_epoch_also_after_a_resume(mnist_loaders, tmp_path):
+    train, test = mnist_loaders
+    config = TrainConfig(epochs=4, batch_size=64, lr=0.02, lr_drop_epochs=(3,), momentum=0.9, weight_decay=5e-4,
+                         nesterov=True, optimizer="gsm", nonzero_ratio=0.1)
+    folder = tmp_path / "stage"
+    interrupting = BatchHookLoader(train, 5, keyboard_interrupt, epoch=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(fresh_lenet300(), folder, config, interrupting, test, stage_config=STAGE, progress=False)
+    before = scalar_steps(folder)
+    assert before["train/loss"] == [0, 1] and before["test/top1"] == [0, 2]
+    train_stage(fresh_lenet300(), folder, config, train, test, stage_config=STAGE, progress=False)
+    steps = scalar_steps(folder)
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # one per run of the stage
+    for tag in ("train/loss", "train/lr", "train/seconds", "gsm/active", "gsm/threshold"):
+        assert steps[tag] == [0, 1, 2, 3], tag
+    assert steps["test/top1"] == steps["test/top5"] == steps["test/loss"] == [0, 2, 4]  # epoch 2: once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))
+    accumulator.Reload()
+    active = [event.value for event in accumulator.Scalars("gsm/active")]
+    assert all(value >= int(0.1 * 266200) for value in active)  # the GSM count, Q = 26620 at least
