@@ -17,6 +17,26 @@ def _detached(tensors: List[Tensor]) -> List[Tensor]:
     return [t.detach() for t in tensors]
 
 
+def _refuse_sharded(p: Tensor) -> None:
+    """GSM ranks every prunable element of the model against one global threshold, so each rank must hold
+    whole parameters: a parameter sharded over ranks (FSDP's flat parameters, DTensors as FSDP2 makes them)
+    would be ranked per shard. Refused with a ValueError."""
+    kind = None
+    if getattr(p, "_is_flat_param", False):
+        kind = "an FSDP flat parameter"
+    else:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch without distributed support
+            DTensor = None
+        if DTensor is not None and isinstance(p, DTensor):
+            kind = "a DTensor"
+    if kind is not None:
+        raise ValueError(f"GSM cannot optimise {kind}: its global ranking needs whole parameters on every rank, "
+                         f"and a sharded parameter would be ranked shard by shard. Train with "
+                         f"DistributedDataParallel (gradients are averaged before GSM ranks them)")
+
+
 class GSM(Optimizer):
     r"""Global Sparse Momentum SGD (Ding et al., NeurIPS 2019).
 
@@ -104,6 +124,8 @@ class GSM(Optimizer):
         super().add_param_group(param_group)
         try:
             self._check_hyperparameters(self.param_groups[-1])
+            for p in self.param_groups[-1]["params"]:
+                _refuse_sharded(p)
         except ValueError:
             self.param_groups.pop()
             raise
