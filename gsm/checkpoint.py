@@ -3,7 +3,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -12,34 +12,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not belong to the current run."""
 
 
-def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    """Write `state` under a temporary name, fsync it, then rename: the previous checkpoint stays intact
-    until the new one is complete (also when the disk fills up during the write)."""
+def _write_atomic(path: Path, write: Callable[[IO], None], mode: str) -> None:
+    """Write a file through `write(f)` under a temporary name, fsync it, then rename: the previous file stays
+    intact until the new one is complete (also when the disk fills up during the write)."""
     tmp_path = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp_path, "wb") as f:
-            torch.save(state, f)
+        with open(tmp_path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
+    """Write `state` atomically: the previous checkpoint stays intact until the new one is complete."""
+    _write_atomic(path, lambda f: torch.save(state, f), "wb")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file under a temporary name, fsync it, then rename: a crash leaves the old file or the
-    new one, never a part of it."""
-    tmp_path = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    """Write a text file atomically: a crash leaves the old file or the new one, never a part of it."""
+    _write_atomic(path, lambda f: f.write(text), "w")
 
 
 def load_checkpoint(path: Path, map_location: Optional[torch.device] = None) -> Optional[Dict[str, Any]]:

@@ -27,16 +27,32 @@ def _data():
     return images, labels
 
 
-def _train(folder: Path, rank: int, world_size: int) -> torch.nn.Module:
-    images, labels = _data()
-    common = dict(normalize=dataset.MNIST_NORMALIZE, device="cpu", seed=3)
-    train_loader = dataset.DeviceLoader(images, labels, CONFIG.batch_size, train=True, augment=False,
-                                        rank=rank, world_size=world_size, **common)
-    test_loader = dataset.DeviceLoader(images[:64], labels[:64], 64, train=False, augment=False, **common)
+def _loaders(net: str, rank: int, world_size: int, batch_size: int):
+    """Train and test loaders on generated data for LeNet-300-100 (a learnable stripe) or a CIFAR ResNet."""
+    if net == "lenet300":
+        images, labels = _data()
+        common = dict(normalize=dataset.MNIST_NORMALIZE, device="cpu", seed=3)
+        augment, test_count = False, 64
+    else:
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 10, (64,), generator=generator)
+        images = torch.randint(0, 256, (64, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        common = dict(normalize=dataset.CIFAR10_NORMALIZE, device="cpu", seed=5)
+        augment, test_count = True, 32
+    train_loader = dataset.DeviceLoader(images, labels, batch_size, train=True, augment=augment, rank=rank,
+                                        world_size=world_size, **common)
+    test_loader = dataset.DeviceLoader(images[:test_count], labels[:test_count], test_count, train=False,
+                                       augment=False, **common)
+    return train_loader, test_loader
+
+
+def _train(folder: Path, rank: int, world_size: int, net: str = "lenet300", config: TrainConfig = CONFIG,
+           compile_mode=None) -> torch.nn.Module:
+    train_loader, test_loader = _loaders(net, rank, world_size, config.batch_size)
     torch.manual_seed(0)
     context = ProcessContext(rank=rank, world_size=world_size)
-    model = wrap_model(build_model("lenet300"), context)
-    train_stage(model, folder, CONFIG, train_loader, test_loader, stage_config={"test": "ddp"},
+    model = wrap_model(build_model(net), context, compile_mode)
+    train_stage(model, folder, config, train_loader, test_loader, stage_config={"test": "ddp", "net": net},
                 writer=context.is_writer, progress=False)
     return model
 
@@ -89,18 +105,7 @@ def _compiled_resnet_worker(rank: int, world_size: int, port: int, out_dir: str)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        generator = torch.Generator().manual_seed(0)
-        labels = torch.randint(0, 10, (64,), generator=generator)
-        images = torch.randint(0, 256, (64, 3, 32, 32), generator=generator, dtype=torch.uint8)
-        common = dict(normalize=dataset.CIFAR10_NORMALIZE, device="cpu", seed=5)
-        train_loader = dataset.DeviceLoader(images, labels, RESNET_CONFIG.batch_size, train=True, augment=True,
-                                            rank=rank, world_size=world_size, **common)
-        test_loader = dataset.DeviceLoader(images[:32], labels[:32], 32, train=False, augment=False, **common)
-        torch.manual_seed(0)
-        context = ProcessContext(rank=rank, world_size=world_size)
-        model = wrap_model(build_model("rc20"), context, compile_mode="default")
-        train_stage(model, Path(out_dir) / "rc20", RESNET_CONFIG, train_loader, test_loader,
-                    stage_config={"test": "ddp rc20"}, writer=context.is_writer, progress=False)
+        model = _train(Path(out_dir) / "rc20", rank, world_size, "rc20", RESNET_CONFIG, compile_mode="default")
         torch.save(dict(model.module._orig_mod.named_parameters()), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
