@@ -1,4 +1,4 @@
-"""GSM's selection: the metric |w * g|, its exact global Q-th largest value, and the masked gradients."""
+"""GSM's selection: the metric |w * g|, its exact global Q-th largest value, and which elements reach it."""
 from collections import deque
 from typing import Deque, List, NamedTuple, Optional, Sequence, Tuple, Union
 
