@@ -1,6 +1,7 @@
 """Print every array of hdf5 weights files with its statistics and each file's sparsity summary; --plot draws
 the per-layer densities of the files side by side."""
 import argparse
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -74,10 +75,12 @@ def draw_densities(files: Dict[str, Dict[str, np.ndarray]], path: str, names: Op
     ax.set_xticklabels(layers, rotation=30 if len(layers) > 3 else 0, ha="right" if len(layers) > 3 else "center",
                        fontsize=8)
     ax.set_yscale("log")
+    densest = max((n / e for per_layer in counts.values() for e, n in per_layer if e and n), default=1.0)
+    ax.set_ylim(top=min(1.0, densest) * 12)  # room for the legend above the bars
     ax.set_ylabel("density (non-zeros / elements)")
     ax.set_title("per-layer density of the prunable weights")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("files", nargs="+", metavar="file",
                         help="hdf5 weights files (or compressed exports, or masks), e.g. "
                              "gsm_exps/rc56_gsm/finish_pruned.hdf5")
+    parser.add_argument("--labels", nargs="+", metavar="NAME",
+                        help="names of the files in the plot, one per file (default: folder/file name)")
     parser.add_argument("--mask", metavar="MASK_FILE",
                         help="count as prunable the parameters a mask file names (e.g. a retrain folder's mask.hdf5, "
                              "or one written by gsm.save_mask(optimizer.hard_mask(model), ...)) instead of every array "
@@ -123,7 +128,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             print("prunable parameters: 0 (no array of dim > 1)")
     if args.plot:
-        draw_densities(files, args.plot, names)
+        if args.labels and len(args.labels) != len(files):
+            print(f"display_hdf5.py: error: {len(args.labels)} --labels for {len(files)} files", file=sys.stderr)
+            return 2
+        labels = args.labels or [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
+                                              os.path.basename(path)) for path in files]
+        draw_densities(dict(zip(labels, files.values())), args.plot, names)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 
