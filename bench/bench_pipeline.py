@@ -200,9 +200,13 @@ def run_from_state(args: argparse.Namespace) -> None:
     model.load_state_dict(state["model"])
     optimizer = build_optimizer(model, gsm_train_config)
     optimizer.load_state_dict(state["optimizer"])
-    base_lr = learning_rate(base_config.num_epochs * len(train_loader) - 1, base_config.lr,
-                            base_config.warmup_iters(len(train_loader)), base_config.drop_iters(len(train_loader)))
-    train_loader.set_epoch(int(state["epoch"]))
+    iters = len(train_loader)
+    base_lr = lr_function(base_config, iters)(base_config.num_epochs * iters - 1)
+    # A state saved by --save-states, or a GSM stage's checkpoint.pt taken while it trains.
+    epoch = int(state["epoch"] if "epoch" in state else state["next_epoch"])
+    state.setdefault("epoch", epoch)
+    state.setdefault("lr", lr_function(gsm_train_config, iters)(min(epoch, gsm_train_config.num_epochs - 1) * iters))
+    train_loader.set_epoch(epoch)
     batches = [batch for _, batch in zip(range(args.steps), train_loader)]
     tiny, subnormal = weight_census(model)
     print(f"{args.from_state}: GSM epoch {state['epoch']}, lr {state['lr']:.3g}; {tiny} prunable weights with "
@@ -337,7 +341,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="keep subnormal floats (to see what they cost on this processor)")
     parser.add_argument("--save-states", metavar="DIR", help="also save each timed state (model, optimizer)")
     parser.add_argument("--from-state", metavar="FILE",
-                        help="time one state saved by --save-states, with flush-to-zero on and off, then stop")
+                        help="time one state (saved by --save-states, or a GSM stage's checkpoint.pt) with "
+                             "flush-to-zero on and off, then stop")
     args = parser.parse_args(argv)
     if args.logs:
         return report_logs(args.logs)
