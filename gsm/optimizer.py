@@ -1,4 +1,6 @@
 """The Global Sparse Momentum SGD optimizer."""
+import os
+import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -15,6 +17,17 @@ from gsm.selection import GlobalSelection, Selection, flat_array, keep_count
 
 def _detached(tensors: List[Tensor]) -> List[Tensor]:
     return [t.detach() for t in tensors]
+
+
+def _user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for a warning issued by the caller of this function, that names the first
+    frame outside this module and torch: the user's line that called `step`, however torch wraps it."""
+    internal = (os.path.abspath(__file__), os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (frame.f_code.co_filename == internal[0]
+                                        or frame.f_code.co_filename.startswith(internal[1])):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _refuse_sharded(p: Tensor) -> None:
@@ -173,14 +186,15 @@ class GSM(Optimizer):
         self.last_threshold, self._last_selection = None, None
         q = self.keep_count
         if not ranked or q >= self._last_num_ranked:
-            if ranked and not self._warned_all_active and self._last_num_ranked < self.num_prunable:
+            if ranked and not self._warned_all_active and self._last_num_ranked < self.num_prunable and \
+                    q < self.num_prunable:  # (with Q = N, GSM is SGD by design)
                 self._warned_all_active = True
                 warnings.warn(
                     f"GSM: only {self._last_num_ranked} prunable elements have gradients, no more than Q = {q} "
                     f"(1/{1 / self.nonzero_ratio:g} of the {self.num_prunable} prunable elements of the param "
                     f"groups, counted with or without gradients), so every ranked element gets its gradient: "
                     f"this step is plain SGD. Leave parameters that get no gradient (frozen, unused) out of the "
-                    f"optimizer, or mark their group prunable=False", RuntimeWarning, stacklevel=3)
+                    f"optimizer, or mark their group prunable=False", RuntimeWarning, stacklevel=_user_stacklevel())
             return {}
         if any(p.grad.is_sparse for p in ranked):
             raise RuntimeError("GSM does not support sparse gradients")

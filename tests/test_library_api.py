@@ -188,9 +188,17 @@ def test_a_warning_when_every_ranked_element_gets_its_gradient():
             optimizer.zero_grad()
             used(x).sum().backward()
             optimizer.step()
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(messages) == 1 and "only 100 prunable elements have gradients" in messages[0]
+    warned = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(warned) == 1 and "only 100 prunable elements have gradients" in str(warned[0].message)
+    assert warned[0].filename == __file__  # the line that called step, not torch's wrappers
     assert optimizer.num_active == 100
+    # With nonzero_ratio=1, GSM is SGD by design: nothing to warn about.
+    optimizer = GSM(list(used.parameters()) + list(frozen.parameters()), lr=0.1, nonzero_ratio=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.zero_grad()
+        used(x).sum().backward()
+        optimizer.step()
     # With enough ranked elements, no warning.
     optimizer = GSM(used.parameters(), lr=0.1, nonzero_ratio=0.1)
     with warnings.catch_warnings():
