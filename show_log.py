@@ -299,6 +299,106 @@ def compression_points(per_root: list[list[Experiment]]) -> Dict[str, Dict[str, 
     return points
 
 
+STAGE_STYLES = {"gsm": ("-", "GSM"), "gsm_retrain": ("--", "GSM ticket, retrained"),
+                "magnitude_retrain": (":", "magnitude ticket, retrained")}
+SINGLE_RATIO_COLORS = {"base": "black", "gsm": "C1", "gsm_retrain": "C2", "magnitude_retrain": "C3"}
+
+
+def _ratio_key(name: str) -> Optional[str]:
+    """`30x` (or `30x released`) for a lottery folder of one ratio, None for the base and other experiments."""
+    match = _LOTTERY_RE.match(name)
+    if not match or not match.group("ratio"):
+        return None
+    ratio = f"{float(match.group('ratio')):g}x"
+    return f"{ratio} {match.group('recipe')}" if match.group("recipe") else ratio
+
+
+def curve_styles(names: Sequence[str]) -> Dict[str, Tuple[Optional[str], str, str]]:
+    """{experiment: (colour, line style, legend label)} for one network's curves. With several ratios (a sweep)
+    the colour tells the ratio and the line style the stage, so that twenty curves stay readable: the legend
+    then names each ratio once (`label` is the ratio, or "" for a curve that a ratio's entry already names).
+    With one ratio each stage has its own colour. Experiments outside the lottery layout get None: matplotlib's
+    colour cycle and their own name."""
+    keys = sorted({k for k in map(_ratio_key, names) if k is not None},
+                  key=lambda k: (float(k.split("x")[0]), k))
+    sweep = len(keys) > 1
+    colours = {}
+    if sweep:
+        from matplotlib import colormaps
+
+        cmap = colormaps["viridis"]
+        colours = {k: cmap(0.9 * i / (len(keys) - 1)) for i, k in enumerate(keys)}
+    styles: Dict[str, Tuple[Optional[str], str, str]] = {}
+    labelled = set()
+    for name in names:
+        match = _LOTTERY_RE.match(name)
+        if not match:
+            styles[name] = (None, "-", name)
+            continue
+        net, kind, key = match.group("net"), match.group("kind"), _ratio_key(name)
+        if key is None:  # the base
+            styles[name] = ("black", "-", "base")
+        elif sweep:
+            styles[name] = (colours[key], STAGE_STYLES[kind][0], "" if key in labelled else key)
+            labelled.add(key)
+        else:
+            styles[name] = (SINGLE_RATIO_COLORS[kind], STAGE_STYLES[kind][0], name.replace(f"lottery_{net}_", ""))
+    return styles
+
+
+def _draw_curves(ax, net: str, network_curves) -> None:
+    from matplotlib.lines import Line2D
+
+    styles = curve_styles([name for name, *_ in network_curves])
+    sweep = any(label and label[0].isdigit() for _, _, label in styles.values())
+    for name, epochs, top1, pruned in network_curves:
+        colour, linestyle, label = styles[name]
+        (line,) = ax.plot(epochs, top1, color=colour, linestyle=linestyle, linewidth=1.2, label=label or None)
+        if pruned is not None:
+            ax.plot([epochs[-1]], [pruned], marker="*", markersize=12, color=line.get_color(), linestyle="none",
+                    label=None if sweep else f"{label} hard-pruned")
+    finals = [v for _, _, top1, _ in network_curves for v in top1[-3:]]
+    if finals:
+        ax.set_ylim(max(0.0, min(finals) - 2.0), min(100.0, max(finals) + 0.5))
+    if sweep:  # the ratios' colours (from the curves), then what each line style and the stars mean
+        handles, labels = ax.get_legend_handles_labels()
+        for linestyle, text in STAGE_STYLES.values():
+            handles.append(Line2D([], [], color="grey", linestyle=linestyle))
+            labels.append(text)
+        handles.append(Line2D([], [], color="grey", marker="*", markersize=10, linestyle="none"))
+        labels.append("GSM, hard-pruned")
+        ax.legend(handles, labels, fontsize=7, ncol=2, loc="lower right")
+    else:
+        ax.legend(fontsize=7)
+    ax.set_xlabel("epoch")
+    ax.set_title(f"{net}: top-1 during training")
+
+
+def _draw_compression(ax, net: str, lines: Dict[str, List[Tuple[float, float]]], base: Optional[float]) -> None:
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    ratios = sorted({r for values in lines.values() for r, _ in values})
+    for line_name, values in lines.items():
+        ax.plot([r for r, _ in values], [v for _, v in values], marker="o", label=line_name)
+    if base is not None:
+        ax.axhline(base, color="black", linewidth=0.8, linestyle="--", label="base (dense)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ratios))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticklabels([f"{r:g}x" for r in ratios])
+    ax.set_xlabel("compression ratio (prunable weights / kept)")
+    ax.set_title(f"{net}: top-1 against compression")
+    ax.legend(fontsize=7)
+
+
+def base_top1(per_root: list[list[Experiment]], net: str) -> Optional[float]:
+    """The lottery base's final top-1 of a network (the mean of its last evaluations), averaged over the roots."""
+    values = [summarize(e.evaluations).top1 for experiments in per_root for e in experiments
+              if e.name == f"lottery_{net}_base" and e.evaluations]
+    return statistics.fmean(values) if values else None
+
+
 def draw(per_root: list[list[Experiment]], path: Path) -> None:
     """Top-1 against epoch, one panel per network (the hard-pruned models marked), then a panel of top-1
     against compression for each network with several ratios; written to `path` (headless)."""
@@ -308,25 +408,11 @@ def draw(per_root: list[list[Experiment]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
     for ax, (kind, net) in zip(axes[0], panels):
         if kind == "curve":
-            for name, epochs, top1, pruned in by_network[net]:
-                (line,) = ax.plot(epochs, top1, label=name.replace(f"lottery_{net}_", ""), linewidth=1.2)
-                if pruned is not None:
-                    ax.plot([epochs[-1]], [pruned], marker="*", markersize=12, color=line.get_color(),
-                            linestyle="none", label=f"{name.replace(f'lottery_{net}_', '')} hard-pruned")
-            finals = [v for _, _, top1, _ in by_network[net] for v in top1[-3:]]
-            if finals:
-                ax.set_ylim(max(0.0, min(finals) - 2.0), min(100.0, max(finals) + 0.5))
-            ax.set_xlabel("epoch")
-            ax.set_title(f"{net}: top-1 during training")
+            _draw_curves(ax, net, by_network[net])
         else:
-            for line_name, values in compression[net].items():
-                ax.plot([r for r, _ in values], [v for _, v in values], marker="o", label=line_name)
-            ax.set_xscale("log")
-            ax.set_xlabel("compression ratio (prunable weights / kept)")
-            ax.set_title(f"{net}: top-1 against compression")
+            _draw_compression(ax, net, compression[net], base_top1(per_root, net))
         ax.set_ylabel("top-1 (%)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
     if len(per_root) > 1:
         fig.suptitle(f"means over {len(per_root)} roots")
     fig.tight_layout()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -357,6 +358,11 @@ def test_plot_draws_curves_and_accuracy_against_compression(tmp_path: Path, caps
     assert points == {"GSM, hard-pruned": [(10.0, 98.3), (60.0, 98.28), (240.0, 96.0)],
                       "GSM ticket": [(10.0, 98.3), (60.0, 98.09), (240.0, 97.5)],
                       "magnitude ticket": [(10.0, 98.2), (60.0, 96.58), (240.0, 70.0)]}
+    # The dense base's final top-1, the reference line of the compression panel: the mean of its last ten.
+    base = next(e for e in experiments if e.name == "lottery_lenet300_base")
+    assert show_log.base_top1([experiments], "lenet300") == pytest.approx(
+        statistics.fmean(e.top1 for e in base.evaluations[-10:]))
+    assert show_log.base_top1([experiments], "lenet5") is None
     plot = tmp_path / "results.png"
     assert main([str(root), "--plot", str(plot)]) == 0
     width, height = png_size(plot)
@@ -372,3 +378,26 @@ def test_plot_path_is_checked_before_reading(tmp_path: Path, capsys, name: str, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert reason in err and len(err.strip().splitlines()) == 2  # argparse: usage line, then the error line
+
+
+def test_curve_styles_tell_ratio_by_colour_and_stage_by_line_style() -> None:
+    sweep = ["lottery_lenet300_base"] + [f"lottery_lenet300_compress{r}_{kind}" for r in (60, 10, 240)
+                                         for kind in ("gsm", "gsm_retrain", "magnitude_retrain")]
+    styles = show_log.curve_styles(sweep)
+    assert styles["lottery_lenet300_base"] == ("black", "-", "base")
+    # One colour per ratio, ordered by ratio along the colour map; the stage is the line style.
+    colours = {r: styles[f"lottery_lenet300_compress{r}_gsm"][0] for r in (10, 60, 240)}
+    assert len(set(colours.values())) == 3
+    for r in (10, 60, 240):
+        assert [styles[f"lottery_lenet300_compress{r}_{kind}"][:2] for kind in ("gsm", "gsm_retrain",
+                                                                              "magnitude_retrain")] == \
+            [(colours[r], "-"), (colours[r], "--"), (colours[r], ":")]
+    # Each ratio is named once in the legend.
+    labels = [styles[name][2] for name in sweep]
+    assert sorted(label for label in labels if label) == sorted(["base", "10x", "60x", "240x"])
+    # One ratio: a colour per stage, the folder names as labels; other experiments keep matplotlib's colours.
+    single = show_log.curve_styles(["lottery_lenet5_base", "lottery_lenet5_compress300_gsm",
+                                    "lottery_lenet5_compress300_magnitude_retrain", "rc56_gsm"])
+    assert single["lottery_lenet5_compress300_gsm"] == ("C1", "-", "compress300_gsm")
+    assert single["lottery_lenet5_compress300_magnitude_retrain"] == ("C3", ":", "compress300_magnitude_retrain")
+    assert single["rc56_gsm"] == (None, "-", "rc56_gsm")
