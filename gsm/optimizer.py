@@ -67,12 +67,13 @@ class GSM(Optimizer):
     :math:`N` counts every element of the prunable parameters of the param groups, whether or not they have a
     gradient in a step; only those with a gradient are ranked. Leave frozen or unused parameters out of the
     optimizer (or in a group with ``prunable=False``): when the ranked elements number :math:`Q` or fewer, every
-    one of them gets its gradient and the step is plain SGD (a warning says so, once). Non-prunable elements
-    use :math:`M = 1`. Weight decay and momentum act on every weight, so the
-    elements outside the mask only decay (and coast on their momentum) towards zero; after training the
-    model is hard-pruned to the Q largest magnitudes. The metric uses the loss gradient before weight decay
-    because it estimates how much the loss would change if the weight were removed (first-order Taylor),
-    which weight decay does not affect. With ``nonzero_ratio=1`` this is exactly ``torch.optim.SGD``.
+    one of them gets its gradient and the step is plain SGD (a warning says so, once, unless
+    ``nonzero_ratio=1`` asked for SGD). Non-prunable elements use :math:`M = 1`. Weight decay and momentum act
+    on every weight, so the elements outside the mask only decay (and coast on their momentum) towards zero;
+    after training the model is hard-pruned to the Q largest magnitudes. The metric uses the loss gradient
+    before weight decay because it estimates how much the loss would change if the weight were removed
+    (first-order Taylor), which weight decay does not affect. With ``nonzero_ratio=1`` this is exactly
+    ``torch.optim.SGD``.
 
     On GPUs the masked update uses ``torch.optim.SGD``'s arithmetic on :math:`d`. For float32 CPU tensors it
     touches the loss gradient only at the Q active positions and adds the decay and momentum terms in
