@@ -128,11 +128,17 @@ def experiment_name(folder_name: str) -> str:
     return folder_name
 
 
+def natural_key(name: str) -> list:
+    """A sort key that orders the numbers in a name by value: compress30 before compress120."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
 def find_logs(root: Path) -> list[Path]:
-    """Every `<family>/<experiment>/log.txt` under root, family by family, experiments sorted by folder name."""
+    """Every `<family>/<experiment>/log.txt` under root, family by family, experiments sorted by folder name
+    (numbers by value, so that a sweep's ratios come in order)."""
     logs = []
     for family in EXPERIMENT_DIRS:
-        logs.extend(sorted((root / family).glob(f"*/{LOG_NAME}"), key=lambda p: p.parent.name))
+        logs.extend(sorted((root / family).glob(f"*/{LOG_NAME}"), key=lambda p: natural_key(p.parent.name)))
     return logs
 
 

@@ -401,3 +401,13 @@ def test_curve_styles_tell_ratio_by_colour_and_stage_by_line_style() -> None:
     assert single["lottery_lenet5_compress300_gsm"] == ("C1", "-", "compress300_gsm")
     assert single["lottery_lenet5_compress300_magnitude_retrain"] == ("C3", ":", "compress300_magnitude_retrain")
     assert single["rc56_gsm"] == (None, "-", "rc56_gsm")
+
+
+def test_ratios_are_listed_by_value(tmp_path: Path, capsys) -> None:
+    root = lottery_root(tmp_path, {120: (97.6, 97.7, 93.7), 30: (98.6, 98.6, 97.8), 240: (96.3, 96.9, 80.0)})
+    assert main([str(root)]) == 0
+    ratios = [re.search(r"compress(\d+)_gsm_pruned", line).group(1)
+              for line in capsys.readouterr().out.splitlines() if "_pruned" in line]
+    assert ratios == ["30", "120", "240"]
+    assert sorted(["rc56_gsm", "rc110_gsm", "rc20_gsm"], key=show_log.natural_key) == \
+        ["rc20_gsm", "rc56_gsm", "rc110_gsm"]
