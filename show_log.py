@@ -307,16 +307,26 @@ def compression_points(per_root: list[list[Experiment]]) -> Dict[str, Dict[str, 
 
 STAGE_STYLES = {"gsm": ("-", "GSM"), "gsm_retrain": ("--", "GSM ticket, retrained"),
                 "magnitude_retrain": (":", "magnitude ticket, retrained")}
-SINGLE_RATIO_COLORS = {"base": "black", "gsm": "C1", "gsm_retrain": "C2", "magnitude_retrain": "C3"}
+SINGLE_RATIO_COLORS = {"gsm": "C1", "gsm_retrain": "C2", "magnitude_retrain": "C3"}
 
 
-def _ratio_key(name: str) -> Optional[str]:
-    """`30x` (or `30x released`) for a lottery folder of one ratio, None for the base and other experiments."""
+def _ratio_key(name: str) -> Optional[Tuple[float, str]]:
+    """(ratio, recipe or "") of a lottery folder of one ratio; None for the base and other experiments."""
     match = _LOTTERY_RE.match(name)
     if not match or not match.group("ratio"):
         return None
-    ratio = f"{float(match.group('ratio')):g}x"
-    return f"{ratio} {match.group('recipe')}" if match.group("recipe") else ratio
+    return float(match.group("ratio")), match.group("recipe") or ""
+
+
+def _ratio_label(key: Tuple[float, str]) -> str:
+    """`30x`, or `30x released` for another recipe's folders."""
+    ratio, recipe = key
+    return f"{ratio:g}x {recipe}" if recipe else f"{ratio:g}x"
+
+
+def sweep_ratios(names: Sequence[str]) -> List[Tuple[float, str]]:
+    """The (ratio, recipe) keys of one network's curves, by ratio: a sweep when there are several."""
+    return sorted({key for key in map(_ratio_key, names) if key is not None})
 
 
 def curve_styles(names: Sequence[str]) -> Dict[str, Tuple[Optional[str], str, str]]:
@@ -325,8 +335,7 @@ def curve_styles(names: Sequence[str]) -> Dict[str, Tuple[Optional[str], str, st
     then names each ratio once (`label` is the ratio, or "" for a curve that a ratio's entry already names).
     With one ratio each stage has its own colour. Experiments outside the lottery layout get None: matplotlib's
     colour cycle and their own name."""
-    keys = sorted({k for k in map(_ratio_key, names) if k is not None},
-                  key=lambda k: (float(k.split("x")[0]), k))
+    keys = sweep_ratios(names)
     sweep = len(keys) > 1
     colours = {}
     if sweep:
@@ -345,7 +354,7 @@ def curve_styles(names: Sequence[str]) -> Dict[str, Tuple[Optional[str], str, st
         if key is None:  # the base
             styles[name] = ("black", "-", "base")
         elif sweep:
-            styles[name] = (colours[key], STAGE_STYLES[kind][0], "" if key in labelled else key)
+            styles[name] = (colours[key], STAGE_STYLES[kind][0], "" if key in labelled else _ratio_label(key))
             labelled.add(key)
         else:
             styles[name] = (SINGLE_RATIO_COLORS[kind], STAGE_STYLES[kind][0], name.replace(f"lottery_{net}_", ""))
@@ -355,8 +364,8 @@ def curve_styles(names: Sequence[str]) -> Dict[str, Tuple[Optional[str], str, st
 def _draw_curves(ax, net: str, network_curves) -> None:
     from matplotlib.lines import Line2D
 
-    styles = curve_styles([name for name, *_ in network_curves])
-    sweep = any(label and label[0].isdigit() for _, _, label in styles.values())
+    names = [name for name, *_ in network_curves]
+    styles, sweep = curve_styles(names), len(sweep_ratios(names)) > 1
     for name, epochs, top1, pruned in network_curves:
         colour, linestyle, label = styles[name]
         (line,) = ax.plot(epochs, top1, color=colour, linestyle=linestyle, linewidth=1.2, label=label or None)

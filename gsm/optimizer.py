@@ -187,8 +187,8 @@ class GSM(Optimizer):
         self.last_threshold, self._last_selection = None, None
         q = self.keep_count
         if not ranked or q >= self._last_num_ranked:
-            if ranked and not self._warned_all_active and self._last_num_ranked < self.num_prunable and \
-                    q < self.num_prunable:  # (with Q = N, GSM is SGD by design)
+            # Q < N (so fewer than N are ranked): GSM was meant to mask, yet every ranked element is active.
+            if ranked and not self._warned_all_active and q < self.num_prunable:
                 self._warned_all_active = True
                 warnings.warn(
                     f"GSM: only {self._last_num_ranked} prunable elements have gradients, no more than Q = {q} "
