@@ -36,7 +36,7 @@ def subnormal_products_flushed(num_threads: Optional[int] = None) -> Optional[bo
     return True if zeros == small.numel() else False if zeros == 0 else None
 
 
-def _openmp_runtime() -> Optional[ctypes.CDLL]:
+def openmp_runtime() -> Optional[ctypes.CDLL]:
     """The OpenMP runtime torch has loaded (libgomp, libomp or libiomp), found in this process's memory map."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
@@ -58,7 +58,7 @@ def _openmp_runtime() -> Optional[ctypes.CDLL]:
 def _restart_thread_pool() -> bool:
     """Free the OpenMP thread pool (OpenMP 5.0 `omp_pause_resource_all(omp_pause_soft)`), so that the next
     parallel region starts new threads, created by this thread and so inheriting its floating-point mode."""
-    runtime = _openmp_runtime()
+    runtime = openmp_runtime()
     if runtime is None:
         return False
     omp_pause_soft = 1

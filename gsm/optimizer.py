@@ -1,22 +1,19 @@
 """The Global Sparse Momentum SGD optimizer."""
+import math
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from base_model import unwrap_model
+from gsm import host_kernels
 from gsm.denormals import flush_denormals
 from gsm.pruning import global_magnitude_mask
-from gsm.selection import GlobalSelection, Selection, flat_array, keep_count
-
-
-def _detached(tensors: List[Tensor]) -> List[Tensor]:
-    return [t.detach() for t in tensors]
+from gsm.selection import GlobalSelection, Selection, keep_count
 
 
 def _user_stacklevel() -> int:
@@ -75,11 +72,12 @@ class GSM(Optimizer):
     (first-order Taylor), which weight decay does not affect. With ``nonzero_ratio=1`` this is exactly
     ``torch.optim.SGD``.
 
-    On GPUs the masked update uses ``torch.optim.SGD``'s arithmetic on :math:`d`. For float32 CPU tensors it
-    touches the loss gradient only at the Q active positions and adds the decay and momentum terms in
-    whole-tensor operations (:math:`b \leftarrow \beta b + \lambda w`, then :math:`b_M \mathrel{+}= g_M`;
-    Nesterov: :math:`w \leftarrow (1 - \eta\lambda) w - \eta\beta b`, then :math:`w_M \mathrel{-}= \eta g_M`),
-    the same update up to float rounding without a pass over all elements to build :math:`d`.
+    The update follows ``torch.optim.SGD``'s arithmetic on :math:`d`. On the CPU, for float32 parameters, two
+    compiled kernels (:mod:`gsm.host_kernels`, built with the package) do the work in two passes: one collects
+    the few metrics above a bound derived from the previous steps' thresholds, among which :math:`\tau` is
+    found, and one applies the update, recomputing :math:`M` element by element, so that a GSM step costs
+    about what an SGD step costs. Without the kernels (no C compiler at install) the CPU takes the generic
+    path of GPUs: a few multi-tensor operations that build :math:`M` and :math:`d`, the same up to rounding.
 
     Args:
         params: parameters or param groups; a group may set ``lr``, ``momentum``, ``weight_decay``,
@@ -114,11 +112,15 @@ class GSM(Optimizer):
         self.last_threshold: Optional[Tensor] = None
         self._last_selection: Optional[Selection] = None
         self._last_num_ranked = 0
+        self._host_active = 0
         self._warned_all_active = False
         self._selection = GlobalSelection()
         super().__init__(params, defaults)
         if any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
             flush_denormals()
+            if not host_kernels.available():
+                warnings.warn(f"GSM: the compiled host kernels are unavailable: {host_kernels.status()}. CPU steps take "
+                              f"the generic path, which is slower", RuntimeWarning, stacklevel=2)
 
     @staticmethod
     def _check_hyperparameters(group: Dict[str, Any]) -> None:
@@ -176,32 +178,42 @@ class GSM(Optimizer):
         """How many prunable elements received loss gradients in the last step."""
         if self._last_selection is None:
             return self._last_num_ranked
+        if self._last_selection.masked_grads is None:  # the host path: counted by the update
+            return self._host_active
         return self._last_selection.num_active
 
-    def _select(self) -> Dict[Tensor, Union[np.ndarray, Tensor]]:
-        """Rank the prunable elements that have gradients; return, for each masked parameter, the positions of
-        its active elements (host path) or its masked gradient mask * g (a new tensor)."""
-        ranked = [p for g in self.param_groups for p in g["params"]
-                  if p.grad is not None and self.is_prunable(g, p)]
+    def _select(self) -> Tuple[Dict[Tensor, Tensor], Optional[float]]:
+        """Rank the prunable elements that have gradients. Returns the masked gradients mask * g of the generic
+        path (new tensors, by parameter), and on the host path the threshold that the update applies (the
+        generic path, and a step without ranking: None)."""
+        ranked, num_prunable = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.is_prunable(group, p):
+                    num_prunable += p.numel()
+                    if p.grad is not None:
+                        ranked.append(p)
         self._last_num_ranked = sum(p.numel() for p in ranked)
         self.last_threshold, self._last_selection = None, None
-        q = self.keep_count
+        q = keep_count(num_prunable, self.nonzero_ratio)
         if not ranked or q >= self._last_num_ranked:
             # Q < N (so fewer than N are ranked): GSM was meant to mask, yet every ranked element is active.
-            if ranked and not self._warned_all_active and q < self.num_prunable:
+            if ranked and not self._warned_all_active and q < num_prunable:
                 self._warned_all_active = True
                 warnings.warn(
                     f"GSM: only {self._last_num_ranked} prunable elements have gradients, no more than Q = {q} "
-                    f"(1/{1 / self.nonzero_ratio:g} of the {self.num_prunable} prunable elements of the param "
+                    f"(1/{1 / self.nonzero_ratio:g} of the {num_prunable} prunable elements of the param "
                     f"groups, counted with or without gradients), so every ranked element gets its gradient: "
                     f"this step is plain SGD. Leave parameters that get no gradient (frozen, unused) out of the "
                     f"optimizer, or mark their group prunable=False", RuntimeWarning, stacklevel=_user_stacklevel())
-            return {}
+            return {}, None
         if any(p.grad.is_sparse for p in ranked):
             raise RuntimeError("GSM does not support sparse gradients")
-        selection = self._selection(_detached(ranked), [p.grad for p in ranked], q)
+        selection = self._selection(ranked, [p.grad for p in ranked], q)
         self._last_selection, self.last_threshold = selection, selection.threshold
-        return dict(zip(ranked, selection.positions if selection.positions is not None else selection.masked_grads))
+        if selection.masked_grads is None:  # the host path; Q = 0 leaves only infinite metrics active
+            return {}, math.inf if selection.threshold is None else float(selection.threshold)
+        return dict(zip(ranked, selection.masked_grads)), None
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -210,30 +222,31 @@ class GSM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        selected = self._select()
+        masked_grads, threshold = self._select()
+        self._host_active = 0
         for group in self.param_groups:
             params: List[Tensor] = []
             directions: List[Tensor] = []
             owned: List[bool] = []  # whether a direction is this step's own tensor (not p.grad)
-            sparse_params: List[Tensor] = []
-            actives: List[np.ndarray] = []
+            in_kernels: List[Tensor] = []
+            thresholds: List[float] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("GSM does not support sparse gradients")
-                chosen = selected.get(p)
-                if isinstance(chosen, np.ndarray):
-                    sparse_params.append(p)
-                    actives.append(chosen)
+                if threshold is not None and host_kernels.fits(p, p.grad):
+                    in_kernels.append(p)
+                    thresholds.append(threshold if self.is_prunable(group, p) else -math.inf)
                     continue
+                chosen = masked_grads.get(p)
                 params.append(p)
                 directions.append(p.grad if chosen is None else chosen)
                 owned.append(chosen is not None)
             if params:
                 self._update(group, params, directions, owned)
-            if sparse_params:
-                self._update_active(group, sparse_params, actives)
+            if in_kernels:
+                self._update_in_kernels(group, in_kernels, thresholds)
         return loss
 
     def _update(self, group: Dict[str, Any], params: List[Tensor], directions: List[Tensor],
@@ -278,47 +291,22 @@ class GSM(Optimizer):
                 directions = buffers
         torch._foreach_add_(params, directions, alpha=-lr)
 
-    def _update_active(self, group: Dict[str, Any], params: List[Tensor], actives: List[np.ndarray]) -> None:
-        """The same update for float32 CPU parameters whose loss gradients reach only the elements at
-        `actives` (positions in each tensor's memory order): the decay and momentum terms in whole-tensor
-        operations, the gradient at those positions alone, so that no pass over all elements builds
-        d = mask * g + wd * w. Equal to `_update` up to float rounding:
-            buf = momentum * buf + wd * w;  buf[active] += g[active]
-            w = (1 - lr * wd) * w - lr * momentum * buf;  w[active] -= lr * g[active]     (Nesterov)
-            w -= lr * buf                                                                    (plain momentum)
-        """
-        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-        grads = [flat_array(p.grad)[active] for p, active in zip(params, actives)]
-        if momentum != 0.0:
-            buffers = [self._momentum_buffer_like(p, weight_decay) for p in params]
-            old = [(p, buf) for p, buf in zip(params, buffers) if buf is not None]
-            if old:  # buf = momentum * buf + wd * w
-                torch._foreach_mul_([buf for _, buf in old], momentum)
-                if weight_decay != 0.0:
-                    torch._foreach_add_([buf for _, buf in old], [p for p, _ in old], alpha=weight_decay)
-            buffers = [self.state[p]["momentum_buffer"] for p in params]
-            for buf, active, grad in zip(buffers, actives, grads):
-                flat_array(buf)[active] += grad
-            if not group["nesterov"]:
-                torch._foreach_add_(params, buffers, alpha=-lr)
-                return
-            if weight_decay != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-            torch._foreach_add_(params, buffers, alpha=-lr * momentum)
-        elif weight_decay != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-        step = np.float32(lr)
-        for p, active, grad in zip(params, actives, grads):
-            flat_array(p)[active] -= step * grad
+    def _update_in_kernels(self, group: Dict[str, Any], params: List[Tensor], thresholds: List[float]) -> None:
+        """`_update` for parameters that fit the host kernels, in one pass of `gsm.host_kernels.update` that
+        gives each element its loss gradient where |w * g| >= its parameter's threshold (-inf: everywhere)."""
+        momentum = group["momentum"]
+        buffers = [self._momentum_buffer_like(p) for p in params] if momentum != 0.0 else None
+        active = host_kernels.update(params, [p.grad for p in params], buffers, thresholds, group["lr"], momentum,
+                                     group["weight_decay"], group["nesterov"])
+        self._host_active += sum(count for count, tau in zip(active, thresholds) if tau != -math.inf)
 
-    def _momentum_buffer_like(self, p: Tensor, weight_decay: float) -> Optional[Tensor]:
-        """p's momentum buffer, stored like p (a buffer loaded in another memory layout is copied into p's);
-        None when p has none yet, after creating it as wd * w (the first step's buffer is d itself)."""
+    def _momentum_buffer_like(self, p: Tensor) -> Tensor:
+        """p's momentum buffer, stored like p (a buffer loaded in another memory layout is copied into p's). A
+        new buffer is zero, which makes the first step's buffer d, as torch.optim.SGD's first buffer is."""
         state = self.state[p]
         buf = state.get("momentum_buffer")
         if buf is None:
-            state["momentum_buffer"] = torch.mul(p, weight_decay) if weight_decay else torch.zeros_like(p)
-            return None
-        if buf.stride() != p.stride():
+            buf = state["momentum_buffer"] = torch.zeros_like(p)
+        elif buf.stride() != p.stride() or buf.dtype != p.dtype or buf.device != p.device:
             buf = state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
         return buf
