@@ -214,6 +214,42 @@ int64_t gsm_candidates(int64_t count, const float *const *w, const float *const 
     return found;
 }
 
+/* ---- gsm_kth_largest --------------------------------------------------------------------------------- */
+
+/* The k-th largest of `count` non-negative floats (no NaN), 1 <= k <= count, by a radix select on their bit
+   patterns (which non-negative floats order as integers): the 11 high bits, then the next 11, then the last 9
+   (the sign bit is 0), each round counting the candidates that share the bits chosen so far and keeping, at the
+   front of `values`, those of the bucket the k-th lies in. Exact and O(count); reorders `values`. */
+float gsm_kth_largest(float *values, int64_t count, int64_t k)
+{
+    static const int shifts[3] = {20, 9, 0}, widths[3] = {11, 11, 9};
+    uint32_t prefix = 0;
+    for (int round = 0; round < 3; round++) {
+        int shift = shifts[round], buckets = 1 << widths[round];
+        int64_t histogram[2048] = {0};
+        for (int64_t i = 0; i < count; i++) {
+            uint32_t bits;
+            memcpy(&bits, &values[i], sizeof bits);
+            histogram[(bits >> shift) & (uint32_t)(buckets - 1)]++;
+        }
+        int bucket = buckets - 1;
+        for (; bucket > 0 && histogram[bucket] < k; bucket--)
+            k -= histogram[bucket]; /* the k-th largest lies below this bucket */
+        prefix |= (uint32_t)bucket << shift;
+        int64_t kept = 0;
+        for (int64_t i = 0; i < count; i++) {
+            uint32_t bits;
+            memcpy(&bits, &values[i], sizeof bits);
+            if (((bits >> shift) & (uint32_t)(buckets - 1)) == (uint32_t)bucket)
+                values[kept++] = values[i];
+        }
+        count = kept;
+    }
+    float tau;
+    memcpy(&tau, &prefix, sizeof tau);
+    return tau;
+}
+
 /* ---- gsm_update -------------------------------------------------------------------------------------- */
 
 static ALWAYS_INLINE int64_t update_portable(float *w, const float *g, float *b, int64_t n, float tau, float lr,

@@ -46,6 +46,8 @@ def _load():
     lib.gsm_update.restype = None
     lib.gsm_use_openmp.argtypes, lib.gsm_use_openmp.restype = [ctypes.c_void_p] * 3, None
     lib.gsm_last_threads.argtypes, lib.gsm_last_threads.restype = [], ctypes.c_int
+    lib.gsm_kth_largest.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.gsm_kth_largest.restype = ctypes.c_float
     lib.gsm_init()
     return lib, "", _use_torch_threads(lib)
 
@@ -121,6 +123,16 @@ def candidates(weights: Sequence[Tensor], grads: Sequence[Tensor], bound: float,
         raise ValueError(f"out must be a contiguous float32 array of at least {total + 8} elements")
     return _lib.gsm_candidates(len(weights), _addresses(weights), _addresses(grads), _sizes(weights), bound,
                                out.ctypes.data, torch.get_num_threads())
+
+
+def kth_largest(values: np.ndarray, count: int, k: int) -> np.float32:
+    """The k-th largest of the first `count` elements of the float32 array `values` (1 <= k <= count), which
+    must be non-negative numbers (no NaN), as `candidates` writes them; reorders them. A radix select: exact,
+    in a few passes over them."""
+    if not 1 <= k <= count <= values.size or values.dtype != np.float32 or not values.flags.c_contiguous:
+        raise ValueError(f"need 1 <= k <= count <= values.size of a contiguous float32 array, got k={k}, "
+                         f"count={count}, {values.size} {values.dtype} elements")
+    return np.float32(_lib.gsm_kth_largest(values.ctypes.data, count, k))
 
 
 def update(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Optional[Sequence[Tensor]],

@@ -14,11 +14,20 @@ def keep_count(num_prunable: int, nonzero_ratio: float) -> int:
     return int(nonzero_ratio * num_prunable)
 
 
-def kth_largest(collect: Callable[[float], int], found: np.ndarray, k: int,
-                bounds: Sequence[float] = ()) -> Tuple[np.float32, int]:
+def partition_select(values: np.ndarray, count: int, k: int) -> np.float32:
+    """The k-th largest of the first `count` elements of `values` (1 <= k <= count), by numpy's partition,
+    which reorders them."""
+    candidates = values[:count]
+    candidates.partition(count - k)  # in place
+    return candidates[count - k]
+
+
+def kth_largest(collect: Callable[[float], int], found: np.ndarray, k: int, bounds: Sequence[float] = (),
+                select: Callable[[np.ndarray, int, int], np.float32] = partition_select) -> Tuple[np.float32, int]:
     """The exact k-th largest metric tau (k >= 1), from `collect(bound)`, which writes every metric >= bound
-    (NaN is not) to the front of the float32 array `found` and returns how many there are. Returns (tau, the
-    number of candidates it was searched among).
+    (NaN is not) to the front of the float32 array `found` and returns how many there are, and `select(found,
+    count, k)`, the k-th largest of the first `count`. Returns (tau, the number of candidates it was searched
+    among).
 
     Each of `bounds` is tried in turn: when at least k metrics are >= it, tau lies among them, so only they are
     searched and the answer is that of a full search, only cheaper. When no bound admits k, every metric is
@@ -29,9 +38,7 @@ def kth_largest(collect: Callable[[float], int], found: np.ndarray, k: int,
     for bound in list(bounds) + [0.0]:
         count = collect(bound)
         if count >= k:
-            candidates = found[:count]
-            candidates.partition(count - k)  # in place
-            return candidates[count - k], count
+            return select(found, count, k), count
     return np.float32(0.0), count
 
 
@@ -60,10 +67,12 @@ class ThresholdSearch:
         ratios = sorted(self._ratios) or [0.5]
         return self._previous * self.safety * ratios[min(1, len(ratios) - 1)]
 
-    def __call__(self, collect: Callable[[float], int], found: np.ndarray, k: int) -> np.float32:
+    def __call__(self, collect: Callable[[float], int], found: np.ndarray, k: int,
+                 select: Callable[[np.ndarray, int, int], np.float32] = partition_select) -> np.float32:
         """tau, the k-th largest metric (see `kth_largest`)."""
         bound = self.bound()
-        tau, self.last_searched = kth_largest(collect, found, k, () if bound is None else (bound, bound * self.retry))
+        bounds = () if bound is None else (bound, bound * self.retry)
+        tau, self.last_searched = kth_largest(collect, found, k, bounds, select)
         current = float(tau)
         if self._previous:
             self._ratios.append(min(1.0, current / self._previous))
@@ -210,7 +219,7 @@ class GlobalSelection:
                 return Selection(None)
             params = _without_autograd(params)
             tau = self.search(lambda bound: host_kernels.candidates(params, grads, bound, self._found),
-                              self._found, k)
+                              self._found, k, host_kernels.kth_largest)
             return Selection(torch.from_numpy(np.asarray(tau, dtype=np.float32)))
         metric = self.metric(params, grads)
         if k == 0:

@@ -80,6 +80,33 @@ def test_candidates_refuse_a_short_buffer():
         host_kernels.candidates(weights, grads, 0.0, np.empty(40, dtype=np.float64))
 
 
+@pytest.mark.parametrize("count", [1, 2, 9, 1000, 20000])
+def test_kth_largest_equals_sorting(count):
+    """The radix select against a sort: spread values, many ties, zeros and subnormal-sized numbers, values that
+    differ in their last bits only, at the ends and the middle of the ranks."""
+    gen = np.random.default_rng(count)
+    cases = [
+        (np.abs(gen.standard_normal(count)) * 10.0 ** gen.integers(-30, 5, count)).astype(np.float32),
+        gen.integers(0, 4, count).astype(np.float32),  # ties, zeros
+        np.float32(1.0) + np.arange(count, dtype=np.float32) * np.finfo(np.float32).eps,  # neighbours in ulps
+        np.full(count, 3e-39, dtype=np.float32),  # subnormal
+    ]
+    for values in cases:
+        expected_order = np.sort(values)[::-1]
+        for k in sorted({1, 2, count // 3 + 1, count // 2, count - 1, count} & set(range(1, count + 1))):
+            scratch = np.concatenate([values, [7.0, 8.0]]).astype(np.float32)  # those past `count` are not read
+            assert host_kernels.kth_largest(scratch, count, k) == expected_order[k - 1], (k, values[:5])
+
+
+def test_kth_largest_refuses_bad_arguments():
+    values = np.ones(5, dtype=np.float32)
+    for count, k in ((5, 0), (5, 6), (6, 1)):
+        with pytest.raises(ValueError):
+            host_kernels.kth_largest(values, count, k)
+    with pytest.raises(ValueError):
+        host_kernels.kth_largest(values.astype(np.float64), 5, 1)
+
+
 def numpy_update(w, g, b, tau, lr, momentum, weight_decay, nesterov):
     """The update in numpy float32, in the kernels' (torch.optim.SGD's) order of operations."""
     f = np.float32
