@@ -4,6 +4,7 @@ times of finished runs, read from their logs.
 
     MNIST_PATH=/path/to/data python bench/bench_pipeline.py             # LeNet-300-100 60x: trains, then times
     MNIST_PATH=... python bench/bench_pipeline.py --base-from ROOT      # starts GSM from ROOT's base finish.hdf5
+    MNIST_PATH=... python bench/bench_pipeline.py --base-from ROOT --epochs 4   # and whole epochs in turns
     python bench/bench_pipeline.py --logs ROOT [ROOT ...]               # epoch times of finished runs
 
 Timing mode trains as the pipeline does (the trainer's epoch loop, schedules and param groups; the base unless
@@ -12,8 +13,10 @@ the last). There, copies of the state run side by side, iteration by iteration i
 batches of that epoch: GSM continuing from the state; SGD continuing the base stage from its last epoch (the
 reference of every ratio: what a base epoch costs); and, for diagnosis, SGD with the base settings on the GSM
 state's weights (slow where those weights make subnormal products). The table gives each method's median
-iteration time and GSM / base SGD. Late GSM weights lie near 1e-30, where x86 arithmetic on subnormal results
-is many times slower unless flushed to zero (`gsm.flush_denormals`, on here; --no-flush shows the cost).
+iteration time and GSM / base SGD; with --epochs N, also GSM / base SGD over N whole epochs of each, in turns
+(what a run's log compares, without the drift of the machine's speed between the stages of a run). Late GSM
+weights lie near 1e-30, where x86 arithmetic on subnormal results is many times slower unless flushed to zero
+(`gsm.flush_denormals`, on here; --no-flush shows the cost).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from torch import Tensor, nn
 
 import dataset
 from base_model import MODEL_DATASETS, build_model, trains_channels_last
-from gsm import exp_layout
+from gsm import exp_layout, host_kernels
 from gsm.denormals import flush_denormals, set_flush_denormals
 from gsm.experiment_config import DEFAULT_RECIPE, LENET_BASE, LENET_GSM, RECIPES, TrainConfig, gsm_config
 from gsm.lr_schedule import learning_rate
@@ -114,6 +117,23 @@ def time_state(runners: Dict[str, Callable[[Tensor, Tensor], None]], batches: Li
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
+def time_epochs(runners: Dict[str, Tuple[nn.Module, torch.optim.Optimizer, float]], loader, epoch: int,
+                count: int) -> Dict[str, float]:
+    """Seconds of `count` whole epochs of each runner (model, optimizer, lr), through the trainer's epoch loop,
+    the runners taking turns epoch by epoch (which one goes first alternates): what a run's log measures, side
+    by side, so that the machine's drift between the stages of a run cannot enter the ratio."""
+    names = list(runners)
+    seconds = {name: 0.0 for name in names}
+    for turn in range(count):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            model, optimizer, lr = runners[name]
+            started = time.perf_counter()
+            losses = train_epoch(model, optimizer, loader, epoch, lambda _, lr=lr: lr)
+            float(losses.mean())
+            seconds[name] += time.perf_counter() - started
+    return seconds
+
+
 def train_epochs(model, optimizer, loader, lr_at, first: int, last: int, label: str) -> None:
     """Epochs [first, last) of a stage, as the trainer runs them; one progress line per 10 epochs."""
     for epoch in range(first, last):
@@ -177,9 +197,15 @@ def run_timing(args: argparse.Namespace) -> None:
         batches = [batch for _, batch in zip(range(args.steps), train_loader)]
         ms = time_state(runners, batches, args.rounds, args.warmup, args.block)
         tiny, subnormal = weight_census(model)
+        if args.epochs:
+            seconds = time_epochs({"GSM": (gsm_twin, gsm_twin_optimizer, gsm_lr),
+                                   "base SGD": (base_twin, base_twin_optimizer, base_lr)},
+                                  train_loader, min(state, num_epochs - 1), args.epochs)
+            ms["epoch ratio"] = seconds["GSM"] / seconds["base SGD"]
         rows.append((state, gsm_lr, tiny, subnormal, gsm_optimizer.num_active, ms))
+        epochs = f", whole epochs {ms['epoch ratio']:.3f}" if args.epochs else ""
         print(f"  state {state}: GSM {ms['GSM']:.2f} ms, base SGD {ms['base SGD']:.2f} ms, "
-              f"ratio {ms['GSM'] / ms['base SGD']:.3f}", flush=True)
+              f"ratio {ms['GSM'] / ms['base SGD']:.3f}{epochs}", flush=True)
     print_timing(args, rows, gsm_optimizer.keep_count, gsm_optimizer.num_prunable)
 
 
@@ -254,15 +280,22 @@ def print_timing(args, rows, keep_count: int, num_prunable: int) -> None:
           f"--scale {args.scale:g}; flush-to-zero {'on' if args.flush else 'OFF'}")
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.steps} real batches x {args.rounds} rounds per state, in turns of {args.block}; medians")
+    print(f"GSM's CPU kernels: {host_kernels.status()}")
     header = (f"{'GSM epoch':>9}  {'lr':>8}  {'|w|<1e-30':>9}  {'subnormal':>9}  {'active':>7}  "
-              f"{'GSM ms':>7}  {'base SGD':>8}  {'SGD@state':>9}  {'GSM/base':>8}")
+              f"{'GSM ms':>7}  {'base SGD':>8}  {'SGD@state':>9}  {'GSM/base':>8}"
+              + (f"  {'epochs GSM/base':>15}" if args.epochs else ""))
     print(header)
     print("-" * len(header))
     for state, lr, tiny, subnormal, active, ms in rows:
         print(f"{state:>9}  {lr:>8.2g}  {tiny:>9}  {subnormal:>9}  {active:>7}  {ms['GSM']:>7.2f}  "
-              f"{ms['base SGD']:>8.2f}  {ms['SGD at state']:>9.2f}  {ms['GSM'] / ms['base SGD']:>8.3f}")
+              f"{ms['base SGD']:>8.2f}  {ms['SGD at state']:>9.2f}  {ms['GSM'] / ms['base SGD']:>8.3f}"
+              + (f"  {ms['epoch ratio']:>15.3f}" if args.epochs else ""))
     worst = max(ms["GSM"] / ms["base SGD"] for *_, ms in rows)
     print(f"largest GSM / base SGD iteration ratio: {worst:.3f}")
+    if args.epochs:
+        mean = statistics.mean(ms["epoch ratio"] for *_, ms in rows)
+        print(f"whole epochs, {args.epochs} of each per state in turns: GSM / base SGD {mean:.3f} on average over "
+              f"the states, at most {max(ms['epoch ratio'] for *_, ms in rows):.3f}")
 
 
 # `<asctime> train INFO: epoch <e> done: mean loss <l>, lr <lr>, <seconds> s, <n> images/s`
@@ -334,6 +367,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="passes over those batches")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per method at each state")
     parser.add_argument("--block", type=int, default=8, help="consecutive iterations per method and turn")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="also time this many whole epochs of GSM and of base SGD per state, in turns")
     parser.add_argument("--scale", type=float, default=1.0, help="the scripts' --scale (a smoke run: 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
@@ -346,8 +381,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.logs:
         return report_logs(args.logs)
-    if min(args.steps, args.rounds, args.block) < 1 or args.warmup < 0 or not args.ratio > 1 or not args.scale > 0:
-        parser.error("--steps, --rounds and --block must be >= 1, --warmup >= 0, --ratio > 1, --scale > 0")
+    if (min(args.steps, args.rounds, args.block) < 1 or min(args.warmup, args.epochs) < 0 or not args.ratio > 1
+            or not args.scale > 0):
+        parser.error("--steps, --rounds and --block must be >= 1, --warmup and --epochs >= 0, --ratio > 1, "
+                     "--scale > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.from_state:
