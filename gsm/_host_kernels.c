@@ -252,39 +252,25 @@ float gsm_kth_largest(float *values, int64_t count, int64_t k)
 
 /* ---- gsm_update -------------------------------------------------------------------------------------- */
 
+/* The conditions on b and nesterov do not change within the loop: the compiler makes one loop of each case
+   (loop unswitching, at -O3) and vectorises it. */
 static ALWAYS_INLINE int64_t update_portable(float *w, const float *g, float *b, int64_t n, float tau, float lr,
                                              float momentum, float weight_decay, int nesterov)
 {
     int64_t active = 0;
     int unmasked = isinf(tau) && tau < 0.0f;
-    if (b == NULL) { /* no momentum */
-        for (int64_t i = 0; i < n; i++) {
-            float wi = w[i], gi = g[i];
-            int on = unmasked | (fabsf(wi * gi) >= tau);
-            active += on;
-            float d = (on ? gi : 0.0f) + weight_decay * wi;
+    for (int64_t i = 0; i < n; i++) {
+        float wi = w[i], gi = g[i];
+        int on = unmasked | (fabsf(wi * gi) >= tau);
+        active += on;
+        float d = (on ? gi : 0.0f) + weight_decay * wi;
+        if (b == NULL) { /* no momentum */
             w[i] = wi - lr * d;
+            continue;
         }
-    } else if (nesterov) {
-        for (int64_t i = 0; i < n; i++) {
-            float wi = w[i], gi = g[i];
-            int on = unmasked | (fabsf(wi * gi) >= tau);
-            active += on;
-            float d = (on ? gi : 0.0f) + weight_decay * wi;
-            float bi = momentum * b[i] + d;
-            b[i] = bi;
-            w[i] = wi - lr * (d + momentum * bi);
-        }
-    } else {
-        for (int64_t i = 0; i < n; i++) {
-            float wi = w[i], gi = g[i];
-            int on = unmasked | (fabsf(wi * gi) >= tau);
-            active += on;
-            float d = (on ? gi : 0.0f) + weight_decay * wi;
-            float bi = momentum * b[i] + d;
-            b[i] = bi;
-            w[i] = wi - lr * bi;
-        }
+        float bi = momentum * b[i] + d;
+        b[i] = bi;
+        w[i] = nesterov ? wi - lr * (d + momentum * bi) : wi - lr * bi;
     }
     return active;
 }
