@@ -47,7 +47,7 @@ class ThresholdSearch:
 
     The bound is `previous threshold * safety * r`, r being the second smallest ratio of consecutive thresholds
     in the last `history` steps: it follows how far the threshold has actually fallen from one step to the next
-    (one outlier does not widen it for long), so the candidates stay few (1.1 to 2.5 Q in GSM training of
+    (one outlier does not widen it for long), so the candidates stay few (1.1 to 3 Q in GSM training of
     LeNet-300-100). When the threshold falls further (about 3% of steps), fewer than k elements pass the bound
     and the search is retried from a bound `retry` times lower before it searches everything. The result never
     depends on the bound; `last_searched` is the candidate count of the last search (for tests).
