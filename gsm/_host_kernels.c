@@ -60,12 +60,25 @@ struct arrays {
     int64_t total;
 };
 
+#ifdef GSM_X86
+/* Whether the AVX2 versions run: set by gsm_init on processors that have AVX2 (and POPCNT). */
+static int use_avx2 = 0;
+#endif
+
+/* How many threads a kernel over `total` elements asks for, given torch's `threads`: in [1, MAX_THREADS]. */
+static int thread_count(int64_t total, int threads)
+{
+    if (total < MIN_PARALLEL_ELEMENTS || threads < 1)
+        return 1;
+    return threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
 /* Calls fn(job) on `threads` threads of the pool (each finds its share with `share`), or on this one. */
 static void run(void (*fn)(void *), void *job, int *parallel, int threads)
 {
     *parallel = gomp_parallel != NULL && threads > 1;
     if (*parallel)
-        gomp_parallel(fn, job, (unsigned)(threads > MAX_THREADS ? MAX_THREADS : threads), 0);
+        gomp_parallel(fn, job, (unsigned)threads, 0);
     else
         fn(job);
 }
@@ -94,6 +107,16 @@ static void share(int parallel, int64_t total, int *index, int64_t *lo, int64_t 
         *lo = total;
 }
 
+/* The part [*from, *to) of array t, which starts at index `offset` of the index space, inside the share
+   [lo, hi); whether it is not empty. */
+static int segment(const struct arrays *a, int64_t t, int64_t offset, int64_t lo, int64_t hi, int64_t *from,
+                   int64_t *to)
+{
+    *from = lo > offset ? lo - offset : 0;
+    *to = hi - offset < a->sizes[t] ? hi - offset : a->sizes[t];
+    return *from < *to;
+}
+
 /* ---- gsm_candidates ---------------------------------------------------------------------------------- */
 
 static ALWAYS_INLINE int64_t candidates_portable(const float *w, const float *g, int64_t n, float bound, float *out)
@@ -111,7 +134,6 @@ static ALWAYS_INLINE int64_t candidates_portable(const float *w, const float *g,
 /* For each 8-bit mask, the lanes it selects in order, then the others: a permutation that moves the selected
    lanes of an 8-float vector to its front (a left pack). */
 static int32_t pack_order[256][8];
-static int pack_order_filled = 0;
 
 static void fill_pack_order(void)
 {
@@ -124,7 +146,6 @@ static void fill_pack_order(void)
             if (!(mask >> lane & 1))
                 pack_order[mask][next++] = lane;
     }
-    pack_order_filled = 1;
 }
 
 /* Writes at most 7 floats past the candidates found, never past out + n. */
@@ -151,7 +172,7 @@ struct candidates_job {
     struct arrays a;
     float bound;
     float *out;
-    int parallel, avx2;
+    int parallel;
     int64_t start[MAX_THREADS], found[MAX_THREADS];
 };
 
@@ -162,15 +183,14 @@ static void candidates_share(void *data)
     struct candidates_job *job = data;
     const struct arrays *a = &job->a;
     int me;
-    int64_t lo, hi, found = 0, offset = 0;
+    int64_t lo, hi, from, to, found = 0, offset = 0;
     share(job->parallel, a->total, &me, &lo, &hi);
     for (int64_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
-        int64_t from = lo > offset ? lo - offset : 0, to = hi - offset < a->sizes[t] ? hi - offset : a->sizes[t];
-        if (from >= to)
+        if (!segment(a, t, offset, lo, hi, &from, &to))
             continue;
         float *out = job->out + lo + found;
 #ifdef GSM_X86
-        if (job->avx2) {
+        if (use_avx2) {
             found += candidates_avx2(a->w[t] + from, a->g[t] + from, to - from, job->bound, out);
             continue;
         }
@@ -193,14 +213,7 @@ int64_t gsm_candidates(int64_t count, const float *const *w, const float *const 
         job.a.total += sizes[t];
     job.bound = bound;
     job.out = out;
-#ifdef GSM_X86
-    job.avx2 = pack_order_filled && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
-#else
-    job.avx2 = 0;
-#endif
-    if (job.a.total < MIN_PARALLEL_ELEMENTS)
-        threads = 1;
-    threads = threads > MAX_THREADS ? MAX_THREADS : threads < 1 ? 1 : threads;
+    threads = thread_count(job.a.total, threads);
     for (int i = 0; i < threads; i++)
         job.found[i] = 0, job.start[i] = 0;
     run(candidates_share, &job, &job.parallel, threads);
@@ -294,7 +307,7 @@ struct update_job {
     struct arrays a;
     const float *thresholds;
     float lr, momentum, weight_decay;
-    int nesterov, parallel, avx2;
+    int nesterov, parallel;
     int64_t *active;
 };
 
@@ -303,16 +316,15 @@ static void update_share(void *data)
     struct update_job *job = data;
     const struct arrays *a = &job->a;
     int me;
-    int64_t lo, hi, offset = 0;
+    int64_t lo, hi, from, to, offset = 0;
     share(job->parallel, a->total, &me, &lo, &hi);
     for (int64_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
-        int64_t from = lo > offset ? lo - offset : 0, to = hi - offset < a->sizes[t] ? hi - offset : a->sizes[t];
-        if (from >= to)
+        if (!segment(a, t, offset, lo, hi, &from, &to))
             continue;
         float *b = a->b == NULL ? NULL : a->b[t] + from;
         int64_t active;
 #ifdef GSM_X86
-        if (job->avx2)
+        if (use_avx2)
             active = update_avx2(a->w[t] + from, a->g[t] + from, b, to - from, job->thresholds[t], job->lr,
                                  job->momentum, job->weight_decay, job->nesterov);
         else
@@ -340,19 +352,16 @@ void gsm_update(int64_t count, float *const *w, const float *const *g, float *co
     job.thresholds = thresholds;
     job.lr = lr, job.momentum = momentum, job.weight_decay = weight_decay, job.nesterov = nesterov;
     job.active = active;
-#ifdef GSM_X86
-    job.avx2 = __builtin_cpu_supports("avx2");
-#else
-    job.avx2 = 0;
-#endif
-    run(update_share, &job, &job.parallel, job.a.total < MIN_PARALLEL_ELEMENTS ? 1 : threads);
+    run(update_share, &job, &job.parallel, thread_count(job.a.total, threads));
 }
 
-/* Prepares the kernels (before it, gsm_candidates takes its portable version). */
+/* Prepares the kernels: the left-pack table and the choice of the AVX2 versions (before it, both kernels
+   take their portable versions). */
 void gsm_init(void)
 {
 #ifdef GSM_X86
     fill_pack_order();
+    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 #endif
 }
 

@@ -186,14 +186,15 @@ class GSM(Optimizer):
         """Rank the prunable elements that have gradients. Returns the masked gradients mask * g of the generic
         path (new tensors, by parameter), and on the host path the threshold that the update applies (the
         generic path, and a step without ranking: None)."""
-        ranked, num_prunable = [], 0
+        ranked, num_prunable, num_ranked = [], 0, 0
         for group in self.param_groups:
             for p in group["params"]:
                 if self.is_prunable(group, p):
                     num_prunable += p.numel()
                     if p.grad is not None:
                         ranked.append(p)
-        self._last_num_ranked = sum(p.numel() for p in ranked)
+                        num_ranked += p.numel()
+        self._last_num_ranked = num_ranked
         self.last_threshold, self._last_selection = None, None
         q = keep_count(num_prunable, self.nonzero_ratio)
         if not ranked or q >= self._last_num_ranked:
