@@ -15,7 +15,7 @@ on 2 threads). `flush_denormals()` handles both cases and checks the result on e
 import ctypes
 import os
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -36,30 +36,50 @@ def subnormal_products_flushed(num_threads: Optional[int] = None) -> Optional[bo
     return True if zeros == small.numel() else False if zeros == 0 else None
 
 
-def openmp_runtime() -> Optional[ctypes.CDLL]:
-    """The OpenMP runtime torch has loaded (libgomp, libomp or libiomp), found in this process's memory map."""
+def _loaded_openmp_runtimes() -> List[str]:
+    """The paths of the OpenMP runtimes (libgomp, libomp, libiomp) loaded in this process, from its memory map."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
             paths = {line.split()[-1] for line in maps if "/" in line}
     except OSError:  # not Linux
-        return None
-    for path in sorted(paths):
-        name = os.path.basename(path)
-        if name.startswith(("libgomp", "libomp", "libiomp")):
-            try:
-                runtime = ctypes.CDLL(path)
-            except OSError:
-                continue
-            if hasattr(runtime, "omp_pause_resource_all"):
-                return runtime
-    return None
+        return []
+    return sorted(path for path in paths if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp")))
+
+
+def openmp_runtime_path() -> Optional[str]:
+    """The path of the OpenMP runtime torch computes with, or None (no OpenMP runtime, not Linux).
+
+    Several runtimes can be loaded at once (another extension may bring its own), and only torch's runs the
+    threads that `torch.set_num_threads` sizes and `flush_denormals` sets. So it is found by what it does:
+    the one whose `omp_get_max_threads()` follows `torch.set_num_threads` to two probe values in turn (torch's
+    setting is restored)."""
+    runtimes = {}
+    for path in _loaded_openmp_runtimes():
+        try:
+            runtimes[path] = ctypes.CDLL(path).omp_get_max_threads
+        except (OSError, AttributeError):
+            continue
+    previous = torch.get_num_threads()
+    try:
+        for probe in (previous + 1, previous + 2):
+            torch.set_num_threads(probe)
+            runtimes = {path: query for path, query in runtimes.items() if query() == probe}
+    finally:
+        torch.set_num_threads(previous)
+    return next(iter(runtimes)) if len(runtimes) == 1 else None
+
+
+def openmp_runtime() -> Optional[ctypes.CDLL]:
+    """The OpenMP runtime torch computes with (see `openmp_runtime_path`), or None."""
+    path = openmp_runtime_path()
+    return None if path is None else ctypes.CDLL(path)
 
 
 def _restart_thread_pool() -> bool:
     """Free the OpenMP thread pool (OpenMP 5.0 `omp_pause_resource_all(omp_pause_soft)`), so that the next
     parallel region starts new threads, created by this thread and so inheriting its floating-point mode."""
     runtime = openmp_runtime()
-    if runtime is None:
+    if runtime is None or not hasattr(runtime, "omp_pause_resource_all"):
         return False
     omp_pause_soft = 1
     return runtime.omp_pause_resource_all(omp_pause_soft) == 0

@@ -1,14 +1,17 @@
 """Flush-to-zero of subnormal floats on every CPU thread: checked by behaviour in fresh processes with two
 threads (the flag is per thread, and the rest of the suite runs single-threaded)."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 import torch
 
-from gsm.denormals import subnormal_products_flushed
+from gsm import host_kernels
+from gsm.denormals import openmp_runtime_path, subnormal_products_flushed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +31,8 @@ _START_POOL = """
 import torch
 torch.set_num_threads(2)
 torch.full((1 << 20,), 1.0).mul_(2.0)
-from gsm.denormals import subnormal_products_flushed
+from gsm import host_kernels
+from gsm.denormals import openmp_runtime_path, subnormal_products_flushed
 """
 
 
@@ -100,3 +104,35 @@ def test_scripts_flush_at_start_up(argv, pipeline):
             print("exit", exc.code)
     """)
     assert out.split() == ["False", "True", "exit", "0"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the runtime is found in /proc/self/maps")
+def test_torchs_openmp_runtime_is_found_beside_a_foreign_one(tmp_path):
+    """With a second OpenMP runtime loaded (a copy of torch's under a name that sorts first, as another
+    extension may bring), the kernels still run on torch's: the one whose thread count follows
+    torch.set_num_threads."""
+    torchs = openmp_runtime_path()
+    if torchs is None:
+        pytest.skip("torch computes without an OpenMP runtime here")
+    # Where the copy's path sorts before torch's (as a search by name would find it first), when possible.
+    shm = "/dev/shm"
+    folder = tempfile.mkdtemp(dir=shm) if os.access(shm, os.W_OK) and shm < torchs else str(tmp_path)
+    foreign = os.path.join(folder, "libgomp.so.1")
+    shutil.copyfile(torchs, foreign)
+    script = textwrap.dedent(f"""
+        import ctypes, torch
+        ctypes.CDLL({foreign!r}).omp_get_max_threads()
+        from gsm.denormals import _loaded_openmp_runtimes, openmp_runtime_path
+        from gsm import host_kernels
+        assert len(_loaded_openmp_runtimes()) == 2, _loaded_openmp_runtimes()
+        print(openmp_runtime_path())
+        print(host_kernels.status())
+    """)
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    found, status = result.stdout.splitlines()
+    assert found == torchs
+    assert "torch's OpenMP pool" in status or not host_kernels.available()
