@@ -1,21 +1,26 @@
-/* GSM's two host kernels, for float32 arrays in host memory (loaded with ctypes by gsm/host_kernels.py).
+/* GSM's two host kernels for float32 arrays in host memory, as a CPython extension module (gsm._host_kernels,
+   called by gsm/host_kernels.py, which checks every tensor before its address gets here).
 
-   gsm_candidates: one pass over the weights and gradients that collects the metric |w * g| of the elements at
-   or above a bound, from which the exact Q-th largest metric tau is found among a few candidates.
-   gsm_update: one pass that applies the momentum-SGD update with the loss gradient only where |w * g| >= tau,
-   in torch.optim.SGD's order of operations (d = mask * g + wd * w; b = momentum * b + d; w -= lr * b, or
-   w -= lr * (d + momentum * b) with Nesterov), without building a mask or a masked gradient.
+   candidates: one pass over the weights and gradients that collects the metric |w * g| of the elements at or
+   above a bound (NaN included: it ranks above every number), among which the exact Q-th largest metric tau
+   is found (kth_largest).
+   update: one pass that applies the momentum-SGD update with the loss gradient only where |w * g| >= tau (or
+   is NaN), in torch.optim.SGD's order of operations (d = mask * g + wd * w; b = momentum * b + d; w -= lr * b,
+   or w -= lr * (d + momentum * b) with Nesterov), without building a mask or a masked gradient.
 
-   Both split large work over the threads of torch's own OpenMP pool, through the runtime's GOMP_parallel
-   entry point that gsm_use_openmp hands over (the pool whose threads torch's operators use, and which
+   Both split large work over the threads of torch's own OpenMP pool, through the GOMP_parallel entry point of
+   the runtime that use_openmp is given (the pool whose threads torch's operators use, and which
    gsm.flush_denormals has set to flush subnormals to zero); without it they run on the calling thread. Every
    element's arithmetic is the same whatever the number of threads, and the candidates keep their order, so
    the results do not depend on it. Each kernel has an AVX2 version chosen at run time on x86-64; it performs
-   the same IEEE operations as the portable version (no fused multiply-add), so the results do not depend on
-   the processor either. The file is also an empty Python extension module, so that the package's build
-   compiles it and the import system finds it. */
+   the same IEEE operations as the portable version (the package builds with -ffp-contract=off: no fused
+   multiply-add anywhere), so the results do not depend on the processor either.
+
+   The Python-facing functions check what they can see (lengths, sizes, alignment, the output buffer's type
+   and room) and raise ValueError or TypeError before any kernel runs. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -30,47 +35,36 @@
 /* ---- threads ----------------------------------------------------------------------------------------- */
 
 typedef void (*gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+typedef int (*omp_int_fn)(void);
 static gomp_parallel_fn gomp_parallel = NULL;
-static int (*omp_thread_num)(void) = NULL;
-static int (*omp_num_threads)(void) = NULL;
+static omp_int_fn omp_thread_num = NULL;
+static omp_int_fn omp_num_threads = NULL;
 
 #define MAX_THREADS 256
 /* Below this many elements a kernel runs on one thread: a parallel region costs a few microseconds. */
 #define MIN_PARALLEL_ELEMENTS 65536
 
-/* Hands over the OpenMP runtime's GOMP_parallel, omp_get_thread_num and omp_get_num_threads (NULL: none). */
-void gsm_use_openmp(void *parallel, void *thread_num, void *num_threads)
-{
-    if (parallel != NULL && thread_num != NULL && num_threads != NULL) {
-        gomp_parallel = (gomp_parallel_fn)parallel;
-        omp_thread_num = (int (*)(void))thread_num;
-        omp_num_threads = (int (*)(void))num_threads;
-    } else {
-        gomp_parallel = NULL;
-    }
-}
-
 /* The arrays of one call, viewed as one index space [0, total) of consecutive segments. */
 struct arrays {
-    int64_t count;
+    Py_ssize_t count;
     float *const *w;
     const float *const *g;
-    float *const *b;
+    float *const *b; /* NULL, or b[t] == NULL: no momentum for that array */
     const int64_t *sizes;
     int64_t total;
 };
 
 #ifdef GSM_X86
-/* Whether the AVX2 versions run: set by gsm_init on processors that have AVX2 (and POPCNT). */
+/* Whether the AVX2 versions run: set at import on processors that have AVX2 (and POPCNT). */
 static int use_avx2 = 0;
 #endif
 
 /* How many threads a kernel over `total` elements asks for, given torch's `threads`: in [1, MAX_THREADS]. */
-static int thread_count(int64_t total, int threads)
+static int thread_count(int64_t total, long threads)
 {
     if (total < MIN_PARALLEL_ELEMENTS || threads < 1)
         return 1;
-    return threads > MAX_THREADS ? MAX_THREADS : threads;
+    return threads > MAX_THREADS ? MAX_THREADS : (int)threads;
 }
 
 /* Calls fn(job) on `threads` threads of the pool (each finds its share with `share`), or on this one. */
@@ -84,12 +78,6 @@ static void run(void (*fn)(void *), void *job, int *parallel, int threads)
 }
 
 static int last_threads = 0;
-
-/* The number of threads that ran the last kernel (for tests). */
-int gsm_last_threads(void)
-{
-    return last_threads;
-}
 
 /* This thread's index and share [*lo, *hi) of the index space (8-aligned cuts). */
 static void share(int parallel, int64_t total, int *index, int64_t *lo, int64_t *hi)
@@ -109,7 +97,7 @@ static void share(int parallel, int64_t total, int *index, int64_t *lo, int64_t 
 
 /* The part [*from, *to) of array t, which starts at index `offset` of the index space, inside the share
    [lo, hi); whether it is not empty. */
-static int segment(const struct arrays *a, int64_t t, int64_t offset, int64_t lo, int64_t hi, int64_t *from,
+static int segment(const struct arrays *a, Py_ssize_t t, int64_t offset, int64_t lo, int64_t hi, int64_t *from,
                    int64_t *to)
 {
     *from = lo > offset ? lo - offset : 0;
@@ -117,15 +105,17 @@ static int segment(const struct arrays *a, int64_t t, int64_t offset, int64_t lo
     return *from < *to;
 }
 
-/* ---- gsm_candidates ---------------------------------------------------------------------------------- */
+/* ---- candidates -------------------------------------------------------------------------------------- */
 
+/* A metric is a candidate when it is not below the bound: NaN is (it ranks above every number, as in
+   torch.topk). */
 static ALWAYS_INLINE int64_t candidates_portable(const float *w, const float *g, int64_t n, float bound, float *out)
 {
     int64_t found = 0;
     for (int64_t i = 0; i < n; i++) {
         float m = fabsf(w[i] * g[i]);
         out[found] = m; /* kept only when it passes: the next write goes to the same place otherwise */
-        found += m >= bound;
+        found += !(m < bound);
     }
     return found;
 }
@@ -157,7 +147,7 @@ static int64_t candidates_avx2(const float *w, const float *g, int64_t n, float 
     int64_t found = 0, i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 m = _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(g + i)), magnitude);
-        int mask = _mm256_movemask_ps(_mm256_cmp_ps(m, at_least, _CMP_GE_OQ));
+        int mask = _mm256_movemask_ps(_mm256_cmp_ps(m, at_least, _CMP_NLT_UQ)); /* not below; NaN passes */
         if (mask) {
             __m256i order = _mm256_loadu_si256((const __m256i *)pack_order[mask]);
             _mm256_storeu_ps(out + found, _mm256_permutevar8x32_ps(m, order));
@@ -185,7 +175,7 @@ static void candidates_share(void *data)
     int me;
     int64_t lo, hi, from, to, found = 0, offset = 0;
     share(job->parallel, a->total, &me, &lo, &hi);
-    for (int64_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
+    for (Py_ssize_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
         if (!segment(a, t, offset, lo, hi, &from, &to))
             continue;
         float *out = job->out + lo + found;
@@ -201,25 +191,20 @@ static void candidates_share(void *data)
     job->found[me] = found;
 }
 
-/* Writes |w * g| of every element of the `count` arrays w[t], g[t] (sizes[t] elements each) that is >= bound
-   (NaN is not) to `out`, in order, and returns how many there are. `out` must have room for every element
-   plus 8. Runs on `threads` threads of the OpenMP pool when it is handed over and the arrays are large. */
-int64_t gsm_candidates(int64_t count, const float *const *w, const float *const *g, const int64_t *sizes,
-                       float bound, float *out, int threads)
+/* Writes the candidates of the arrays to `out` (room for a->total + 8 floats), in order; returns their count. */
+static int64_t collect_candidates(struct arrays a, float bound, float *out, long threads)
 {
     struct candidates_job job;
-    job.a = (struct arrays){count, (float *const *)w, g, NULL, sizes, 0};
-    for (int64_t t = 0; t < count; t++)
-        job.a.total += sizes[t];
+    job.a = a;
     job.bound = bound;
     job.out = out;
-    threads = thread_count(job.a.total, threads);
-    for (int i = 0; i < threads; i++)
+    int count = thread_count(a.total, threads);
+    for (int i = 0; i < count; i++)
         job.found[i] = 0, job.start[i] = 0;
-    run(candidates_share, &job, &job.parallel, threads);
+    run(candidates_share, &job, &job.parallel, count);
     int64_t found = job.parallel ? 0 : job.found[0];
     if (job.parallel) /* close the gaps between the shares' regions, in order */
-        for (int i = 0; i < threads; i++) {
+        for (int i = 0; i < count; i++) {
             if (job.found[i] && job.start[i] != found)
                 memmove(out + found, out + job.start[i], (size_t)job.found[i] * sizeof(float));
             found += job.found[i];
@@ -227,13 +212,14 @@ int64_t gsm_candidates(int64_t count, const float *const *w, const float *const 
     return found;
 }
 
-/* ---- gsm_kth_largest --------------------------------------------------------------------------------- */
+/* ---- kth_largest ------------------------------------------------------------------------------------- */
 
-/* The k-th largest of `count` non-negative floats (no NaN), 1 <= k <= count, by a radix select on their bit
-   patterns (which non-negative floats order as integers): the 11 high bits, then the next 11, then the last 9
-   (the sign bit is 0), each round counting the candidates that share the bits chosen so far and keeping, at the
-   front of `values`, those of the bucket the k-th lies in. Exact and O(count); reorders `values`. */
-float gsm_kth_largest(float *values, int64_t count, int64_t k)
+/* The k-th largest of `count` non-negative floats or NaNs (without sign bit), 1 <= k <= count, by a radix
+   select on their bit patterns, which such floats order as integers, every NaN above +inf: the 11 high bits,
+   then the next 11, then the last 9 (the sign bit is 0), each round counting the candidates that share the
+   bits chosen so far and keeping, at the front of `values`, those of the bucket the k-th lies in. Exact and
+   O(count); reorders `values`. */
+static float select_kth_largest(float *values, int64_t count, int64_t k)
 {
     static const int shifts[3] = {20, 9, 0}, widths[3] = {11, 11, 9};
     uint32_t prefix = 0;
@@ -263,20 +249,24 @@ float gsm_kth_largest(float *values, int64_t count, int64_t k)
     return tau;
 }
 
-/* ---- gsm_update -------------------------------------------------------------------------------------- */
+/* ---- update ------------------------------------------------------------------------------------------ */
 
-/* The conditions on b and nesterov do not change within the loop: the compiler makes one loop of each case
-   (loop unswitching, at -O3) and vectorises it. */
+/* An element takes its loss gradient when its metric is >= tau or NaN: with tau = -inf every element does,
+   with tau NaN only the NaN ones (a NaN ranks above every number). The conditions on b, weight_decay and
+   nesterov do not change within the loop: the compiler makes one loop of each case (loop unswitching, at
+   -O3) and vectorises it. */
 static ALWAYS_INLINE int64_t update_portable(float *w, const float *g, float *b, int64_t n, float tau, float lr,
                                              float momentum, float weight_decay, int nesterov)
 {
     int64_t active = 0;
-    int unmasked = isinf(tau) && tau < 0.0f;
     for (int64_t i = 0; i < n; i++) {
         float wi = w[i], gi = g[i];
-        int on = unmasked | (fabsf(wi * gi) >= tau);
+        float m = fabsf(wi * gi);
+        int on = (m >= tau) | (m != m);
         active += on;
-        float d = (on ? gi : 0.0f) + weight_decay * wi;
+        float d = on ? gi : 0.0f;
+        if (weight_decay != 0.0f) /* as SGD, which adds no decay term at 0 (0 * inf would make a NaN) */
+            d += weight_decay * wi;
         if (b == NULL) { /* no momentum */
             w[i] = wi - lr * d;
             continue;
@@ -303,11 +293,16 @@ static int64_t update_default(float *w, const float *g, float *b, int64_t n, flo
     return update_portable(w, g, b, n, tau, lr, momentum, weight_decay, nesterov);
 }
 
+/* Per array: its threshold and hyperparameters (one call updates the arrays of every param group). */
+struct update_settings {
+    float tau, lr, momentum, weight_decay;
+    int nesterov;
+};
+
 struct update_job {
     struct arrays a;
-    const float *thresholds;
-    float lr, momentum, weight_decay;
-    int nesterov, parallel;
+    const struct update_settings *settings;
+    int parallel;
     int64_t *active;
 };
 
@@ -318,61 +313,368 @@ static void update_share(void *data)
     int me;
     int64_t lo, hi, from, to, offset = 0;
     share(job->parallel, a->total, &me, &lo, &hi);
-    for (int64_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
+    for (Py_ssize_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
         if (!segment(a, t, offset, lo, hi, &from, &to))
             continue;
-        float *b = a->b == NULL ? NULL : a->b[t] + from;
+        const struct update_settings *s = &job->settings[t];
+        float *b = a->b[t] == NULL ? NULL : a->b[t] + from;
         int64_t active;
 #ifdef GSM_X86
         if (use_avx2)
-            active = update_avx2(a->w[t] + from, a->g[t] + from, b, to - from, job->thresholds[t], job->lr,
-                                 job->momentum, job->weight_decay, job->nesterov);
+            active = update_avx2(a->w[t] + from, a->g[t] + from, b, to - from, s->tau, s->lr, s->momentum,
+                                 s->weight_decay, s->nesterov);
         else
 #endif
-            active = update_default(a->w[t] + from, a->g[t] + from, b, to - from, job->thresholds[t], job->lr,
-                                    job->momentum, job->weight_decay, job->nesterov);
+            active = update_default(a->w[t] + from, a->g[t] + from, b, to - from, s->tau, s->lr, s->momentum,
+                                    s->weight_decay, s->nesterov);
         __atomic_fetch_add(&job->active[t], active, __ATOMIC_RELAXED);
     }
 }
 
-/* One momentum-SGD step of the `count` arrays w[t] with gradients g[t] and momentum buffers b[t] (b == NULL:
-   no momentum), sizes[t] elements each. Element i of array t takes its loss gradient when
-   |w[i] * g[i]| >= thresholds[t] (a threshold of -infinity passes every element, NaN included); every element
-   decays. Writes the number of elements that took their gradient to active[t]. Threads as gsm_candidates. */
-void gsm_update(int64_t count, float *const *w, const float *const *g, float *const *b, const int64_t *sizes,
-                const float *thresholds, float lr, float momentum, float weight_decay, int nesterov, int64_t *active,
-                int threads)
+/* ---- the Python interface ---------------------------------------------------------------------------- */
+
+/* Memory for the per-array arguments of one call, freed by release_arrays. */
+struct call {
+    Py_ssize_t count;
+    float **w;
+    float **g;
+    float **b;
+    int64_t *sizes;
+    struct update_settings *settings;
+    int64_t *active;
+};
+
+static void release_call(struct call *c)
 {
-    struct update_job job;
-    job.a = (struct arrays){count, w, g, b, sizes, 0};
-    for (int64_t t = 0; t < count; t++) {
-        job.a.total += sizes[t];
-        active[t] = 0;
-    }
-    job.thresholds = thresholds;
-    job.lr = lr, job.momentum = momentum, job.weight_decay = weight_decay, job.nesterov = nesterov;
-    job.active = active;
-    run(update_share, &job, &job.parallel, thread_count(job.a.total, threads));
+    PyMem_Free(c->w);
+    PyMem_Free(c->g);
+    PyMem_Free(c->b);
+    PyMem_Free(c->sizes);
+    PyMem_Free(c->settings);
+    PyMem_Free(c->active);
+    memset(c, 0, sizeof *c);
 }
 
-/* Prepares the kernels: the left-pack table and the choice of the AVX2 versions (before it, both kernels
-   take their portable versions). */
-void gsm_init(void)
+/* The length of `seq` (a list or tuple), or -1 with TypeError. */
+static Py_ssize_t sequence_length(PyObject *seq, const char *what)
+{
+    if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list or tuple, not %.100s", what, Py_TYPE(seq)->tp_name);
+        return -1;
+    }
+    return PySequence_Fast_GET_SIZE(seq);
+}
+
+/* Reads `count` addresses (ints; None gives NULL where `none_ok`) from `seq` into `out`; each must be 4-byte
+   aligned. */
+static int read_addresses(PyObject *seq, Py_ssize_t count, float **out, const char *what, int none_ok)
+{
+    if (sequence_length(seq, what) != count) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "%s: expected %zd addresses", what, count);
+        return -1;
+    }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, t);
+        if (item == Py_None && none_ok) {
+            out[t] = NULL;
+            continue;
+        }
+        if (!PyLong_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be an address (int)", what, t);
+            return -1;
+        }
+        void *address = PyLong_AsVoidPtr(item);
+        if (address == NULL && PyErr_Occurred())
+            return -1;
+        if ((uintptr_t)address % sizeof(float) != 0) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd] is not aligned for float32", what, t);
+            return -1;
+        }
+        out[t] = address;
+    }
+    return 0;
+}
+
+/* Reads `count` element counts (non-negative ints whose sum fits int64) into c->sizes; returns their sum or
+   -1. Every array of non-zero size must have an address. */
+static int64_t read_sizes(PyObject *seq, struct call *c)
+{
+    if (sequence_length(seq, "sizes") != c->count) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "sizes: expected %zd sizes", c->count);
+        return -1;
+    }
+    int64_t total = 0;
+    for (Py_ssize_t t = 0; t < c->count; t++) {
+        long long size = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, t));
+        if (size == -1 && PyErr_Occurred())
+            return -1;
+        if (size < 0 || size > (INT64_MAX - 8) / (int64_t)sizeof(float) - total) {
+            PyErr_Format(PyExc_ValueError, "sizes[%zd] = %lld is negative or too large", t, size);
+            return -1;
+        }
+        if (size > 0 && (c->w[t] == NULL || c->g[t] == NULL)) {
+            PyErr_Format(PyExc_ValueError, "array %zd has %lld elements and a null address", t, size);
+            return -1;
+        }
+        c->sizes[t] = size;
+        total += size;
+    }
+    return total;
+}
+
+/* Allocates the per-array memory of a call over `count` arrays. */
+static int allocate_call(struct call *c, Py_ssize_t count)
+{
+    memset(c, 0, sizeof *c);
+    c->count = count;
+    size_t n = count > 0 ? (size_t)count : 1;
+    c->w = PyMem_Calloc(n, sizeof(float *));
+    c->g = PyMem_Calloc(n, sizeof(float *));
+    c->b = PyMem_Calloc(n, sizeof(float *));
+    c->sizes = PyMem_Calloc(n, sizeof(int64_t));
+    c->settings = PyMem_Calloc(n, sizeof(struct update_settings));
+    c->active = PyMem_Calloc(n, sizeof(int64_t));
+    if (!c->w || !c->g || !c->b || !c->sizes || !c->settings || !c->active) {
+        release_call(c);
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* A writable, C-contiguous buffer of float32 ('f') items, or -1 with TypeError. */
+static int float_buffer(PyObject *object, Py_buffer *view, const char *what)
+{
+    if (PyObject_GetBuffer(object, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->itemsize != sizeof(float) || view->format == NULL || strcmp(view->format, "f") != 0) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s must be a writable contiguous float32 array", what);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(candidates_doc,
+"candidates(weights, grads, sizes, bound, out, threads) -> int\n\n"
+"Writes |w * g| of every element of the arrays at the addresses `weights` and `grads` (float32, `sizes`\n"
+"elements each) that is >= `bound` or NaN to the front of `out`, in order, and returns how many there are.\n"
+"`out` is a writable float32 buffer with room for every element plus 8.");
+
+static PyObject *py_candidates(PyObject *module, PyObject *args)
+{
+    PyObject *weights, *grads, *sizes, *out;
+    float bound;
+    long threads;
+    if (!PyArg_ParseTuple(args, "OOOfOl:candidates", &weights, &grads, &sizes, &bound, &out, &threads))
+        return NULL;
+    Py_ssize_t count = sequence_length(weights, "weights");
+    if (count < 0)
+        return NULL;
+    struct call c;
+    if (allocate_call(&c, count) < 0)
+        return NULL;
+    int64_t total;
+    if (read_addresses(weights, count, c.w, "weights", 0) < 0 ||
+        read_addresses(grads, count, c.g, "grads", 0) < 0 || (total = read_sizes(sizes, &c)) < 0) {
+        release_call(&c);
+        return NULL;
+    }
+    Py_buffer view;
+    if (float_buffer(out, &view, "out") < 0) {
+        release_call(&c);
+        return NULL;
+    }
+    if (view.len / (Py_ssize_t)sizeof(float) < total + 8) {
+        PyBuffer_Release(&view);
+        release_call(&c);
+        return PyErr_Format(PyExc_ValueError, "out must hold at least %lld floats", (long long)(total + 8));
+    }
+    struct arrays a = {count, c.w, (const float *const *)c.g, NULL, c.sizes, total};
+    int64_t found;
+    Py_BEGIN_ALLOW_THREADS
+    found = collect_candidates(a, bound, view.buf, threads);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    release_call(&c);
+    return PyLong_FromLongLong(found);
+}
+
+PyDoc_STRVAR(kth_largest_doc,
+"kth_largest(values, count, k) -> float\n\n"
+"The k-th largest of the first `count` elements of the writable float32 buffer `values` (1 <= k <= count),\n"
+"which must be non-negative numbers or NaNs, as `candidates` writes them (a NaN ranks above every number);\n"
+"reorders them. Exact, in a few passes over them.");
+
+static PyObject *py_kth_largest(PyObject *module, PyObject *args)
+{
+    PyObject *values;
+    long long count, k;
+    if (!PyArg_ParseTuple(args, "OLL:kth_largest", &values, &count, &k))
+        return NULL;
+    Py_buffer view;
+    if (float_buffer(values, &view, "values") < 0)
+        return NULL;
+    if (k < 1 || count < k || count > view.len / (Py_ssize_t)sizeof(float)) {
+        PyBuffer_Release(&view);
+        return PyErr_Format(PyExc_ValueError, "need 1 <= k <= count <= %zd, got k=%lld, count=%lld",
+                            view.len / (Py_ssize_t)sizeof(float), k, count);
+    }
+    float tau;
+    Py_BEGIN_ALLOW_THREADS
+    tau = select_kth_largest(view.buf, count, k);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyFloat_FromDouble((double)tau);
+}
+
+/* Reads one float per array from `seq` into the field at `offset` of each of c->settings. */
+static int read_setting(PyObject *seq, struct call *c, size_t offset, const char *what)
+{
+    if (sequence_length(seq, what) != c->count) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "%s: expected %zd values", what, c->count);
+        return -1;
+    }
+    for (Py_ssize_t t = 0; t < c->count; t++) {
+        double value = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, t));
+        if (value == -1.0 && PyErr_Occurred())
+            return -1;
+        *(float *)((char *)&c->settings[t] + offset) = (float)value;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(update_doc,
+"update(weights, grads, buffers, sizes, thresholds, lrs, momentums, weight_decays, nesterovs, threads)\n"
+"    -> list of int\n\n"
+"One momentum-SGD step of the float32 arrays at the addresses `weights` (`sizes` elements each), in place,\n"
+"with gradients `grads` and momentum buffers `buffers` (an address, or None for no momentum), each array t\n"
+"with its own threshold, lr, momentum, weight decay and Nesterov flag. An element takes its loss gradient\n"
+"when |w * g| >= thresholds[t] or is NaN (-inf: every element); every element decays. Returns, per array,\n"
+"the number of elements that took their gradient.");
+
+static PyObject *py_update(PyObject *module, PyObject *args)
+{
+    PyObject *weights, *grads, *buffers, *sizes, *thresholds, *lrs, *momentums, *decays, *nesterovs;
+    long threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOl:update", &weights, &grads, &buffers, &sizes, &thresholds, &lrs,
+                          &momentums, &decays, &nesterovs, &threads))
+        return NULL;
+    Py_ssize_t count = sequence_length(weights, "weights");
+    if (count < 0)
+        return NULL;
+    struct call c;
+    if (allocate_call(&c, count) < 0)
+        return NULL;
+    int64_t total;
+    if (read_addresses(weights, count, c.w, "weights", 0) < 0 ||
+        read_addresses(grads, count, c.g, "grads", 0) < 0 ||
+        read_addresses(buffers, count, c.b, "buffers", 1) < 0 || (total = read_sizes(sizes, &c)) < 0 ||
+        read_setting(thresholds, &c, offsetof(struct update_settings, tau), "thresholds") < 0 ||
+        read_setting(lrs, &c, offsetof(struct update_settings, lr), "lrs") < 0 ||
+        read_setting(momentums, &c, offsetof(struct update_settings, momentum), "momentums") < 0 ||
+        read_setting(decays, &c, offsetof(struct update_settings, weight_decay), "weight_decays") < 0 ||
+        sequence_length(nesterovs, "nesterovs") < 0) {
+        release_call(&c);
+        return NULL;
+    }
+    if (PySequence_Fast_GET_SIZE(nesterovs) != count) {
+        release_call(&c);
+        return PyErr_Format(PyExc_ValueError, "nesterovs: expected %zd flags", count);
+    }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        int flag = PyObject_IsTrue(PySequence_Fast_GET_ITEM(nesterovs, t));
+        if (flag < 0) {
+            release_call(&c);
+            return NULL;
+        }
+        c.settings[t].nesterov = flag;
+    }
+    struct update_job job = {{count, c.w, (const float *const *)c.g, c.b, c.sizes, total}, c.settings, 0, c.active};
+    Py_BEGIN_ALLOW_THREADS
+    run(update_share, &job, &job.parallel, thread_count(total, threads));
+    Py_END_ALLOW_THREADS
+    PyObject *active = PyList_New(count);
+    for (Py_ssize_t t = 0; active != NULL && t < count; t++) {
+        PyObject *number = PyLong_FromLongLong(c.active[t]);
+        if (number == NULL)
+            Py_CLEAR(active);
+        else
+            PyList_SET_ITEM(active, t, number);
+    }
+    release_call(&c);
+    return active;
+}
+
+PyDoc_STRVAR(use_openmp_doc,
+"use_openmp(path) -> bool\n\n"
+"Run the kernels on the thread pool of the OpenMP runtime at `path`, which must already be loaded in the\n"
+"process (the one torch computes with); None, or a runtime without GOMP_parallel, omp_get_thread_num and\n"
+"omp_get_num_threads: on the calling thread. Returns whether they run on the pool.");
+
+static PyObject *py_use_openmp(PyObject *module, PyObject *path)
+{
+    gomp_parallel = NULL;
+    if (path == Py_None)
+        Py_RETURN_FALSE;
+    if (!PyUnicode_Check(path))
+        return PyErr_Format(PyExc_TypeError, "path must be a str or None");
+    const char *name = PyUnicode_AsUTF8(path);
+    if (name == NULL)
+        return NULL;
+    void *runtime = dlopen(name, RTLD_NOW | RTLD_NOLOAD); /* only a library already loaded */
+    if (runtime == NULL)
+        Py_RETURN_FALSE;
+    gomp_parallel_fn parallel = (gomp_parallel_fn)dlsym(runtime, "GOMP_parallel");
+    omp_int_fn thread_num = (omp_int_fn)dlsym(runtime, "omp_get_thread_num");
+    omp_int_fn num_threads = (omp_int_fn)dlsym(runtime, "omp_get_num_threads");
+    if (parallel == NULL || thread_num == NULL || num_threads == NULL) {
+        dlclose(runtime);
+        Py_RETURN_FALSE;
+    }
+    /* The handle stays open: it keeps the runtime loaded for as long as the kernels use it. */
+    omp_thread_num = thread_num;
+    omp_num_threads = num_threads;
+    gomp_parallel = parallel;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_last_threads(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromLong(last_threads);
+}
+
+static PyObject *py_uses_avx2(PyObject *module, PyObject *unused)
+{
+#ifdef GSM_X86
+    return PyBool_FromLong(use_avx2);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"candidates", py_candidates, METH_VARARGS, candidates_doc},
+    {"kth_largest", py_kth_largest, METH_VARARGS, kth_largest_doc},
+    {"update", py_update, METH_VARARGS, update_doc},
+    {"use_openmp", py_use_openmp, METH_O, use_openmp_doc},
+    {"last_threads", py_last_threads, METH_NOARGS, "The number of threads that ran the last kernel call."},
+    {"uses_avx2", py_uses_avx2, METH_NOARGS, "Whether the kernels run their AVX2 versions."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef host_kernels_module = {
+    PyModuleDef_HEAD_INIT, "_host_kernels",
+    "GSM's compiled host kernels (candidates, kth_largest, update); gsm.host_kernels checks their arguments.",
+    -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__host_kernels(void)
 {
 #ifdef GSM_X86
     fill_pack_order();
     use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 #endif
-}
-
-/* ---- the module -------------------------------------------------------------------------------------- */
-
-static struct PyModuleDef host_kernels_module = {
-    PyModuleDef_HEAD_INIT, "_host_kernels",
-    "GSM's compiled host kernels; their functions are C functions, loaded by gsm.host_kernels with ctypes.",
-    -1, NULL, NULL, NULL, NULL, NULL};
-
-PyMODINIT_FUNC PyInit__host_kernels(void)
-{
     return PyModule_Create(&host_kernels_module);
 }

@@ -1,75 +1,49 @@
-"""GSM's compiled host kernels (gsm/_host_kernels.c), called through ctypes on float32 tensors in host memory.
+"""GSM's compiled host kernels (the extension gsm._host_kernels) and the one place that checks what reaches them.
 
 `candidates` collects the metric |w * g| of the elements at or above a bound in one pass, so that the Q-th
-largest metric is searched among a few candidates; `update` applies the masked momentum-SGD update in one
-pass, recomputing the mask |w * g| >= tau element by element instead of storing it. Together they make a GSM
-step on the CPU cost about what an SGD step costs. On large tensors both split their work over the threads of
-torch's own OpenMP pool (torch.get_num_threads() of them, flushing subnormals as `gsm.flush_denormals` set
-them), with the same results as on one thread.
+largest metric is searched among a few candidates (`kth_largest`); `update` applies the masked momentum-SGD
+update in one pass, recomputing the mask |w * g| >= tau element by element instead of storing it. Together
+they make a GSM step on the CPU cost about what an SGD step costs. On large tensors both split their work over
+the threads of torch's own OpenMP pool (torch.get_num_threads() of them, flushing subnormals as
+`gsm.flush_denormals` set them), with the same results as on one thread.
+
+The kernels take raw addresses, so every tensor is checked here, on every call, against what the kernel will
+touch: dtype, device, shape, strides, density, the extent of its storage, and overlap with the other tensors
+of the call. A tensor that does not pass raises RuntimeError before anything is written.
 
 The kernels are built with the package (`pip install -e .` compiles them; a C compiler is needed). Without
 them `available()` is False, `status()` says why, and GSM's CPU steps take the generic path of
 `gsm.selection` (a few whole-tensor operations: slower, same results up to float rounding).
 """
-import ctypes
 import importlib
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from gsm.denormals import openmp_runtime
+from gsm.denormals import openmp_runtime_path
 
-_POINTERS = ctypes.POINTER(ctypes.c_void_p)
-_SIZES = ctypes.POINTER(ctypes.c_int64)
-_FLOATS = ctypes.POINTER(ctypes.c_float)
+_FLOAT_BYTES = 4
 
 
 def _load():
-    """(the library, '', whether it runs on torch's thread pool) or (None, why it is unavailable, False)."""
+    """(the extension module, '', whether it runs on torch's thread pool) or (None, why it is unavailable,
+    False)."""
     try:
-        extension = importlib.import_module("gsm._host_kernels")
+        kernels = importlib.import_module("gsm._host_kernels")
     except ImportError as error:
         return None, (f"the compiled extension gsm._host_kernels is not built ({error}); reinstall the package "
                       f"with a C compiler at hand (pip install -e .)"), False
-    try:
-        lib = ctypes.CDLL(extension.__file__)
-    except OSError as error:
-        return None, f"gsm._host_kernels could not be loaded by ctypes ({error})", False
-    lib.gsm_init.argtypes, lib.gsm_init.restype = [], None
-    lib.gsm_candidates.argtypes = [ctypes.c_int64, _POINTERS, _POINTERS, _SIZES, ctypes.c_float, ctypes.c_void_p,
-                                   ctypes.c_int]
-    lib.gsm_candidates.restype = ctypes.c_int64
-    lib.gsm_update.argtypes = [ctypes.c_int64, _POINTERS, _POINTERS, _POINTERS, _SIZES, _FLOATS, ctypes.c_float,
-                               ctypes.c_float, ctypes.c_float, ctypes.c_int, _SIZES, ctypes.c_int]
-    lib.gsm_update.restype = None
-    lib.gsm_use_openmp.argtypes, lib.gsm_use_openmp.restype = [ctypes.c_void_p] * 3, None
-    lib.gsm_last_threads.argtypes, lib.gsm_last_threads.restype = [], ctypes.c_int
-    lib.gsm_kth_largest.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    lib.gsm_kth_largest.restype = ctypes.c_float
-    lib.gsm_init()
-    return lib, "", _use_torch_threads(lib)
+    return kernels, "", kernels.use_openmp(openmp_runtime_path())
 
 
-def _use_torch_threads(lib) -> bool:
-    """Hand the kernels the entry points of the OpenMP runtime torch computes with, so that they run on its
-    thread pool; without one (another threading backend, not Linux), they run on the calling thread. Returns
-    whether they run on the pool."""
-    runtime = openmp_runtime()
-    names = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
-    threaded = runtime is not None and all(hasattr(runtime, name) for name in names)
-    lib.gsm_use_openmp(*[ctypes.cast(getattr(runtime, name), ctypes.c_void_p) if threaded else None
-                         for name in names])
-    return threaded
-
-
-_lib, _why_not, _threaded = _load()
+_kernels, _why_not, _threaded = _load()
 
 
 def available() -> bool:
     """Whether the compiled kernels are loaded."""
-    return _lib is not None
+    return _kernels is not None
 
 
 def status() -> str:
@@ -77,12 +51,12 @@ def status() -> str:
     if not available():
         return _why_not
     threads = "the threads of torch's OpenMP pool" if _threaded else "the calling thread"
-    return f"loaded from {_lib._name}, running on {threads}"
+    return f"loaded from {_kernels.__file__}, running on {threads}"
 
 
 def last_threads() -> int:
     """The number of threads that ran the last kernel call."""
-    return _lib.gsm_last_threads()
+    return _kernels.last_threads()
 
 
 def is_dense(t: Tensor) -> bool:
@@ -103,51 +77,97 @@ def fits(p: Tensor, g: Tensor) -> bool:
         return False
     if p.is_contiguous() and g.is_contiguous():  # the common case, quickly (a step checks every parameter)
         return p.shape == g.shape
-    return p.shape == g.shape and p.stride() == g.stride() and is_dense(p)
+    return _stored_alike(p, g) and is_dense(p)
 
 
-def _addresses(tensors: Sequence[Tensor]):
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+def _stored_alike(a: Tensor, b: Tensor) -> bool:
+    """Same shape, and the same strides wherever a dimension has more than one element (the stride of a size-1
+    dimension moves nowhere: torch leaves it arbitrary)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape) if size != 1)
 
 
-def _sizes(tensors: Sequence[Tensor]):
-    return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
+def _describe(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device} with strides {tuple(t.stride())}"
+
+
+def _check_array(t: Tensor, role: str, index: int, like: Optional[Tensor]) -> Tuple[int, int]:
+    """Check that `t` is a dense float32 host tensor inside its storage, shaped and strided like `like` (the
+    parameter it belongs to); returns its memory span (start, end) in bytes."""
+    if not isinstance(t, Tensor):
+        raise RuntimeError(f"GSM host kernels: {role} {index} is a {type(t).__name__}, not a tensor")
+    if t.dtype is not torch.float32 or not t.is_cpu or t.is_sparse:
+        raise RuntimeError(f"GSM host kernels: {role} {index} is {_describe(t)}; they take dense float32 CPU tensors")
+    if like is not None and not _stored_alike(t, like):
+        raise RuntimeError(f"GSM host kernels: {role} {index} is {_describe(t)}, its parameter {_describe(like)}; "
+                           f"they must have the same shape and strides")
+    if like is None and not is_dense(t):
+        raise RuntimeError(f"GSM host kernels: {role} {index} is {_describe(t)}, not dense")
+    size = t.numel() * _FLOAT_BYTES
+    if (t.storage_offset() * _FLOAT_BYTES + size) > t.untyped_storage().nbytes():
+        raise RuntimeError(f"GSM host kernels: {role} {index} ({tuple(t.shape)}) extends past the end of its storage "
+                           f"({t.untyped_storage().nbytes()} bytes)")
+    start = t.data_ptr()
+    return start, start + size
+
+
+def _checked(params: Sequence[Tensor], grads: Sequence[Tensor],
+             buffers: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[List[int], List[int], List[Optional[int]],
+                                                                           List[int]]:
+    """The boundary: check every tensor of a call (see `_check_array`) and that none overlaps another in memory
+    (the kernels write the parameters and buffers while reading the gradients, on several threads), and return
+    their addresses and sizes. Raises RuntimeError, before any kernel runs."""
+    if len(grads) != len(params) or (buffers is not None and len(buffers) != len(params)):
+        raise ValueError(f"GSM host kernels: {len(params)} parameters, {len(grads)} gradients and "
+                         f"{'no' if buffers is None else len(buffers)} buffers")
+    spans = []
+    for i, p in enumerate(params):
+        spans.append((*_check_array(p, "parameter", i, None), "parameter", i))
+        spans.append((*_check_array(grads[i], "gradient", i, p), "gradient", i))
+        if buffers is not None and buffers[i] is not None:
+            spans.append((*_check_array(buffers[i], "momentum buffer", i, p), "momentum buffer", i))
+    ordered = sorted(span for span in spans if span[1] > span[0])
+    for before, after in zip(ordered, ordered[1:]):
+        if after[0] < before[1]:
+            raise RuntimeError(f"GSM host kernels: {before[2]} {before[3]} and {after[2]} {after[3]} overlap in "
+                               f"memory; every parameter, gradient and momentum buffer must have memory of its own")
+    addresses = [t.data_ptr() for t in params], [g.data_ptr() for g in grads]
+    buffer_addresses = [None if buffers is None or buffers[i] is None else buffers[i].data_ptr()
+                        for i in range(len(params))]
+    return addresses[0], addresses[1], buffer_addresses, [p.numel() for p in params]
 
 
 def candidates(weights: Sequence[Tensor], grads: Sequence[Tensor], bound: float, out: np.ndarray) -> int:
-    """Writes |w * g| of every element of `weights` (with `grads`) that is >= `bound` (NaN is not) to the front
-    of `out`, in order, and returns how many there are. Every pair must `fit`; `out` is a float32 array with
-    room for all their elements plus 8."""
-    total = sum(w.numel() for w in weights)
-    if out.dtype != np.float32 or out.size < total + 8 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a contiguous float32 array of at least {total + 8} elements")
-    return _lib.gsm_candidates(len(weights), _addresses(weights), _addresses(grads), _sizes(weights), bound,
-                               out.ctypes.data, torch.get_num_threads())
+    """Writes |w * g| of every element of `weights` (with `grads`) that is >= `bound` or NaN to the front of
+    `out`, in order, and returns how many there are. `out` is a contiguous float32 array with room for all their
+    elements plus 8."""
+    w, g, _, sizes = _checked(weights, grads)
+    return _kernels.candidates(w, g, sizes, bound, out, torch.get_num_threads())
 
 
 def kth_largest(values: np.ndarray, count: int, k: int) -> np.float32:
     """The k-th largest of the first `count` elements of the float32 array `values` (1 <= k <= count), which
-    must be non-negative numbers (no NaN), as `candidates` writes them; reorders them. A radix select: exact,
-    in a few passes over them."""
-    if not 1 <= k <= count <= values.size or values.dtype != np.float32 or not values.flags.c_contiguous:
-        raise ValueError(f"need 1 <= k <= count <= values.size of a contiguous float32 array, got k={k}, "
-                         f"count={count}, {values.size} {values.dtype} elements")
-    return np.float32(_lib.gsm_kth_largest(values.ctypes.data, count, k))
+    must be non-negative numbers or NaN (a NaN ranks above every number), as `candidates` writes them;
+    reorders them. A radix select: exact, in a few passes over them."""
+    return np.float32(_kernels.kth_largest(values, count, k))
 
 
-def update(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Optional[Sequence[Tensor]],
-           thresholds: Sequence[float], lr: float, momentum: float, weight_decay: float,
-           nesterov: bool) -> List[int]:
+Setting = Union[float, Sequence[float]]
+
+
+def _per_array(value: Setting, count: int) -> Sequence[float]:
+    return value if isinstance(value, (list, tuple)) else [value] * count
+
+
+def update(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Optional[Sequence[Optional[Tensor]]],
+           thresholds: Sequence[float], lr: Setting, momentum: Setting, weight_decay: Setting,
+           nesterov: Union[bool, Sequence[bool]]) -> List[int]:
     """One momentum-SGD step of `params` in place, in torch.optim.SGD's order of operations:
         d = M * g + weight_decay * w;  b = momentum * b + d;  w -= lr * b   (Nesterov: w -= lr * (d + momentum * b))
-    with M = [|w * g| >= thresholds[i]] for params[i] (-inf: every element, NaN included). `buffers` are the
-    momentum buffers, updated in place (None when momentum == 0; a zero buffer makes the first step's buffer
-    d, as SGD's does). Every param must `fit` with its gradient and with its buffer. Returns, per param, the
+    with M = [|w * g| >= thresholds[i] or NaN] for params[i] (-inf: every element). `buffers` are the momentum
+    buffers, updated in place (None, or a None entry: no momentum; a zero buffer makes the first step's buffer
+    d, as SGD's does). The hyperparameters are one value for all, or one per parameter. Returns, per param, the
     number of elements that took their gradient."""
+    w, g, b, sizes = _checked(params, grads, buffers)
     count = len(params)
-    active = (ctypes.c_int64 * count)()
-    _lib.gsm_update(count, _addresses(params), _addresses(grads),
-                    None if buffers is None else _addresses(buffers), _sizes(params),
-                    (ctypes.c_float * count)(*thresholds), lr, momentum, weight_decay, int(nesterov), active,
-                    torch.get_num_threads())
-    return list(active)
+    return _kernels.update(w, g, b, sizes, list(thresholds), _per_array(lr, count), _per_array(momentum, count),
+                           _per_array(weight_decay, count), _per_array(nesterov, count), torch.get_num_threads())

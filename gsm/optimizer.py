@@ -47,6 +47,91 @@ def _refuse_sharded(p: Tensor) -> None:
                          f"DistributedDataParallel (gradients are averaged before GSM ranks them)")
 
 
+def _refuse_shared_memory(params: List[Tensor]) -> None:
+    """Distinct parameters must not share storage: their updates would read and write the same memory (on the
+    host path from several threads at once, with results that change from run to run). ValueError."""
+    seen: Dict[int, int] = {}
+    for i, p in enumerate(params):
+        if p.numel() == 0 or p.is_meta:
+            continue
+        address = p.untyped_storage().data_ptr()
+        if address in seen:
+            raise ValueError(f"GSM: parameters {seen[address]} {tuple(params[seen[address]].shape)} and {i} "
+                             f"{tuple(p.shape)} (in param group order) share memory; give each parameter storage "
+                             f"of its own (tie weights by using one Parameter in both places)")
+        seen[address] = i
+
+
+def _check_step_state(p: Tensor, buffer: Any) -> None:
+    """What a step will use with `p`, checked before it writes anything: a dense gradient of p's shape on p's
+    device, and a momentum buffer (if any) of p's shape on p's device. RuntimeError, as torch.optim.SGD
+    raises for a gradient or buffer that does not fit its parameter."""
+    grad = p.grad
+    if grad.is_sparse:
+        raise RuntimeError("GSM does not support sparse gradients")
+    if grad.shape != p.shape or grad.device != p.device:
+        raise RuntimeError(f"GSM: a gradient {tuple(grad.shape)} on {grad.device} does not fit its parameter "
+                           f"{tuple(p.shape)} on {p.device}")
+    if buffer is None:
+        return
+    if not isinstance(buffer, Tensor):
+        raise RuntimeError(f"GSM: the momentum buffer of a parameter {tuple(p.shape)} is a {type(buffer).__name__}, "
+                           f"not a tensor")
+    if buffer.shape != p.shape or buffer.device != p.device or buffer.is_sparse:
+        raise RuntimeError(f"GSM: the momentum buffer {tuple(buffer.shape)} on {buffer.device} does not fit its "
+                           f"parameter {tuple(p.shape)} on {p.device}")
+
+
+def _check_loadable(optimizer: "GSM", state_dict: Any) -> None:
+    """Refuse, in one line (ValueError), an optimizer state that GSM's load_state_dict should not load into
+    `optimizer`: not a GSM state, invalid hyperparameters, or per-parameter state that does not fit the
+    parameters it would be given to."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+            or not isinstance(state_dict.get("param_groups"), list):
+        raise ValueError("GSM.load_state_dict: not an optimizer state (a dict with 'state' and 'param_groups')")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups) or any(
+            not isinstance(saved, dict) or not isinstance(saved.get("params"), list)
+            or len(saved["params"]) != len(group["params"])
+            for saved, group in zip(saved_groups, optimizer.param_groups)):
+        raise ValueError(f"GSM.load_state_dict: the state's param groups (sizes "
+                         f"{[len(g.get('params', ())) if isinstance(g, dict) else '?' for g in saved_groups]}) do not "
+                         f"match this optimizer's ({[len(g['params']) for g in optimizer.param_groups]})")
+    ratios = set()
+    for index, saved in enumerate(saved_groups):
+        if "prunable" not in saved:
+            raise ValueError(f"GSM.load_state_dict: param group {index} has no 'prunable': a state of another "
+                             f"optimizer (torch.optim.SGD's?), which GSM does not load")
+        try:
+            GSM._check_hyperparameters({"nonzero_ratio": optimizer.nonzero_ratio, **saved})
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"GSM.load_state_dict: param group {index} of the state: {exc}") from None
+        ratios.add(saved.get("nonzero_ratio", optimizer.nonzero_ratio))
+    if len(ratios) > 1:
+        raise ValueError(f"GSM.load_state_dict: the state's param groups have different nonzero_ratio {sorted(ratios)}")
+    saved_ids = [i for saved in saved_groups for i in saved["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(set(saved_ids)) != len(saved_ids):
+        raise ValueError("GSM.load_state_dict: the state lists a parameter twice")
+    by_id = dict(zip(saved_ids, params))
+    for key, value in state_dict["state"].items():
+        p = by_id.get(key)
+        if p is None:
+            raise ValueError(f"GSM.load_state_dict: the state has an entry for {key!r}, which is no parameter of "
+                             f"its param groups")
+        if not isinstance(value, dict) or not set(value) <= {"momentum_buffer"}:
+            names = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
+            raise ValueError(f"GSM.load_state_dict: parameter {saved_ids.index(key)} {tuple(p.shape)} has state "
+                             f"{names}; GSM keeps only a momentum_buffer")
+        buffer = value.get("momentum_buffer")
+        if buffer is not None and (not isinstance(buffer, Tensor) or buffer.shape != p.shape
+                                   or not buffer.is_floating_point() or buffer.is_sparse):
+            found = (f"{tuple(buffer.shape)} {buffer.dtype}" if isinstance(buffer, Tensor)
+                     else type(buffer).__name__)
+            raise ValueError(f"GSM.load_state_dict: the momentum buffer of parameter {saved_ids.index(key)} is "
+                             f"{found}, its parameter {tuple(p.shape)} {p.dtype}")
+
+
 class GSM(Optimizer):
     r"""Global Sparse Momentum SGD (Ding et al., NeurIPS 2019).
 
@@ -72,12 +157,22 @@ class GSM(Optimizer):
     (first-order Taylor), which weight decay does not affect. With ``nonzero_ratio=1`` this is exactly
     ``torch.optim.SGD``.
 
+    The metric is computed in float32 (for float16 and bfloat16 parameters too, whose products would
+    underflow to ties at zero), and a NaN metric ranks above every number, as in ``torch.topk``: a non-finite
+    gradient reaches the weights, as it does with SGD, so that a training loop's non-finite check sees it.
+
     The update follows ``torch.optim.SGD``'s arithmetic on :math:`d`. On the CPU, for float32 parameters, two
     compiled kernels (:mod:`gsm.host_kernels`, built with the package) do the work in two passes: one collects
     the few metrics above a bound derived from the previous steps' thresholds, among which :math:`\tau` is
     found, and one applies the update, recomputing :math:`M` element by element, so that a GSM step costs
-    about what an SGD step costs. Without the kernels (no C compiler at install) the CPU takes the generic
-    path of GPUs: a few multi-tensor operations that build :math:`M` and :math:`d`, the same up to rounding.
+    about what an SGD step costs. Elsewhere (GPUs, other dtypes and layouts, no C compiler at install) the step
+    takes the generic path: a few multi-tensor operations that build :math:`M` and :math:`d`, the same up to
+    rounding.
+
+    Every step checks every parameter, gradient and momentum buffer before anything is written: a gradient
+    or a buffer of another shape or device than its parameter raises RuntimeError, as do sparse gradients,
+    and parameters that share memory are refused (ValueError) when added and at each step (their updates
+    would race on the host path).
 
     Args:
         params: parameters or param groups; a group may set ``lr``, ``momentum``, ``weight_decay``,
@@ -85,9 +180,12 @@ class GSM(Optimizer):
         lr: learning rate :math:`\eta`.
         momentum: momentum factor :math:`\beta` in [0, 1).
         nonzero_ratio: fraction of prunable elements that receive loss gradients, in (0, 1];
-            1 / compression ratio.
+            1 / compression ratio. One value for all param groups (it is stored in each, so that
+            ``state_dict`` carries it and ``load_state_dict`` restores it, as it restores ``lr``).
         weight_decay: L2 penalty :math:`\lambda`.
         nesterov: use Nesterov momentum.
+        fused: the compiled host kernels for every parameter (True: an error where they cannot be used), never
+            (False), or wherever they can be (None, the default).
 
     On the CPU the constructor turns on flush-to-zero for subnormal floats on every thread of torch
     (:func:`gsm.flush_denormals`): the passive weights decay towards 1e-35, and x86 processors compute the
@@ -95,21 +193,25 @@ class GSM(Optimizer):
     with another optimizer on the same weights (a ticket's retrain with SGD) gains from it too.
 
     After each step, ``last_threshold`` holds :math:`\tau` (a 0-d tensor; ``None`` when every element was
-    active) and ``num_active`` the number of prunable elements that received gradients (reading it
-    synchronises with the device).
+    active), ``num_active`` the number of prunable elements that received gradients (reading it
+    synchronises with the device), and ``last_step_fused`` whether the step ran in the compiled kernels.
     """
 
     def __init__(self, params: Iterable[Union[Tensor, Dict[str, Any]]], lr: float, momentum: float = 0.9,
                  nonzero_ratio: Optional[float] = None, weight_decay: float = 0.0,
-                 nesterov: bool = False) -> None:
+                 nesterov: bool = False, *, fused: Optional[bool] = None) -> None:
         if nonzero_ratio is None:
             raise ValueError("nonzero_ratio is required: 1 / compression ratio, in (0, 1]")
-        if not 0.0 < nonzero_ratio <= 1.0:
-            raise ValueError(f"Invalid nonzero_ratio: {nonzero_ratio} (must be in (0, 1])")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, prunable=None)
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused} (must be True, False or None)")
+        if fused and not host_kernels.available():
+            raise RuntimeError(f"GSM(fused=True): the compiled host kernels are unavailable: {host_kernels.status()}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, prunable=None,
+                        nonzero_ratio=nonzero_ratio)
         self._check_hyperparameters(defaults)
-        self.nonzero_ratio = nonzero_ratio
+        self.fused = fused
         self.last_threshold: Optional[Tensor] = None
+        self.last_step_fused: Optional[bool] = None
         self._last_selection: Optional[Selection] = None
         self._last_num_ranked = 0
         self._host_active = 0
@@ -118,33 +220,55 @@ class GSM(Optimizer):
         super().__init__(params, defaults)
         if any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
             flush_denormals()
-            if not host_kernels.available():
+            if fused is None and not host_kernels.available():
                 warnings.warn(f"GSM: the compiled host kernels are unavailable: {host_kernels.status()}. CPU steps take "
                               f"the generic path, which is slower", RuntimeWarning, stacklevel=2)
 
     @staticmethod
     def _check_hyperparameters(group: Dict[str, Any]) -> None:
+        for name in ("lr", "momentum", "weight_decay", "nonzero_ratio"):
+            value = group.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"Invalid {name}: {value!r} (must be a number)")
         if group["lr"] < 0.0:
             raise ValueError(f"Invalid learning rate: {group['lr']}")
         if not 0.0 <= group["momentum"] < 1.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in [0, 1))")
         if group["weight_decay"] < 0.0:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if group.get("nesterov") not in (True, False):
+            raise ValueError(f"Invalid nesterov: {group.get('nesterov')!r} (must be True or False)")
         if group["nesterov"] and group["momentum"] == 0.0:
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0")
-        if group["prunable"] not in (None, True, False):
-            raise ValueError(f"Invalid prunable: {group['prunable']} (must be True, False or None)")
+        if group.get("prunable", None) not in (None, True, False):
+            raise ValueError(f"Invalid prunable: {group['prunable']!r} (must be True, False or None)")
+        if not 0.0 < group["nonzero_ratio"] <= 1.0:
+            raise ValueError(f"Invalid nonzero_ratio: {group['nonzero_ratio']} (must be in (0, 1])")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a param group (see Optimizer.add_param_group); an invalid one raises and is not added."""
+        if self.param_groups and "nonzero_ratio" in param_group \
+                and param_group["nonzero_ratio"] != self.param_groups[0]["nonzero_ratio"]:
+            raise ValueError("nonzero_ratio is one value for all param groups: GSM ranks them together")
         super().add_param_group(param_group)
         try:
             self._check_hyperparameters(self.param_groups[-1])
             for p in self.param_groups[-1]["params"]:
                 _refuse_sharded(p)
-        except ValueError:
+            _refuse_shared_memory([p for g in self.param_groups for p in g["params"]])
+            if self.fused:
+                for p in self.param_groups[-1]["params"]:
+                    if not (p.is_cpu and p.dtype is torch.float32 and host_kernels.is_dense(p)):
+                        raise RuntimeError(f"GSM(fused=True) takes dense float32 CPU parameters, not "
+                                           f"{tuple(p.shape)} {p.dtype} on {p.device}")
+        except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
+
+    @property
+    def nonzero_ratio(self) -> float:
+        """The fraction of prunable elements that receive loss gradients: 1 / compression ratio."""
+        return self.param_groups[0]["nonzero_ratio"] if self.param_groups else self.defaults["nonzero_ratio"]
 
     @staticmethod
     def is_prunable(group: Dict[str, Any], p: Tensor) -> bool:
@@ -182,38 +306,59 @@ class GSM(Optimizer):
             return self._host_active
         return self._last_selection.num_active
 
-    def _select(self) -> Tuple[Dict[Tensor, Tensor], Optional[float]]:
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state saved by GSM's `state_dict` (see Optimizer.load_state_dict), after checking it against
+        this optimizer's parameters: a state of another optimizer (torch.optim.SGD's groups have no
+        ``prunable``), invalid hyperparameters, or a momentum buffer that does not fit its parameter raise
+        ValueError in one line and leave the optimizer as it was. The saved ``nonzero_ratio`` is restored, as
+        the saved ``lr`` is; a state saved before it was stored keeps this optimizer's."""
+        _check_loadable(self, state_dict)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("nonzero_ratio", self.defaults["nonzero_ratio"])
+
+    def _work(self) -> Tuple[List[Tuple[Dict[str, Any], List[Tensor]]], List[Tensor], int]:
+        """Each group with its parameters that have gradients, the prunable ones among them (to rank), and N.
+        Checks every gradient and momentum buffer against its parameter, and the parameters for shared memory,
+        before the step writes anything."""
+        work, ranked, num_prunable = [], [], 0
+        for group in self.param_groups:
+            params = []
+            for p in group["params"]:
+                prunable = self.is_prunable(group, p)
+                num_prunable += p.numel() if prunable else 0
+                if p.grad is None:
+                    continue
+                _check_step_state(p, self.state[p].get("momentum_buffer") if p in self.state else None)
+                params.append(p)
+                if prunable:
+                    ranked.append(p)
+            work.append((group, params))
+        _refuse_shared_memory([p for _, params in work for p in params])
+        return work, ranked, num_prunable
+
+    def _select(self, ranked: List[Tensor], num_prunable: int) -> Tuple[Dict[Tensor, Tensor], Optional[float]]:
         """Rank the prunable elements that have gradients. Returns the masked gradients mask * g of the generic
         path (new tensors, by parameter), and on the host path the threshold that the update applies (the
         generic path, and a step without ranking: None)."""
-        ranked, num_prunable, num_ranked = [], 0, 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self.is_prunable(group, p):
-                    num_prunable += p.numel()
-                    if p.grad is not None:
-                        ranked.append(p)
-                        num_ranked += p.numel()
-        self._last_num_ranked = num_ranked
+        self._last_num_ranked = num_ranked = sum(p.numel() for p in ranked)
         self.last_threshold, self._last_selection = None, None
         q = keep_count(num_prunable, self.nonzero_ratio)
-        if not ranked or q >= self._last_num_ranked:
+        if not ranked or q >= num_ranked:
             # Q < N (so fewer than N are ranked): GSM was meant to mask, yet every ranked element is active.
             if ranked and not self._warned_all_active and q < num_prunable:
                 self._warned_all_active = True
                 warnings.warn(
-                    f"GSM: only {self._last_num_ranked} prunable elements have gradients, no more than Q = {q} "
+                    f"GSM: only {num_ranked} prunable elements have gradients, no more than Q = {q} "
                     f"(1/{1 / self.nonzero_ratio:g} of the {num_prunable} prunable elements of the param "
                     f"groups, counted with or without gradients), so every ranked element gets its gradient: "
                     f"this step is plain SGD. Leave parameters that get no gradient (frozen, unused) out of the "
                     f"optimizer, or mark their group prunable=False", RuntimeWarning, stacklevel=_user_stacklevel())
             return {}, None
-        if any(p.grad.is_sparse for p in ranked):
-            raise RuntimeError("GSM does not support sparse gradients")
-        selection = self._selection(ranked, [p.grad for p in ranked], q)
+        selection = self._selection(ranked, [p.grad for p in ranked], q, fused=self.fused)
         self._last_selection, self.last_threshold = selection, selection.threshold
-        if selection.masked_grads is None:  # the host path; Q = 0 leaves only infinite metrics active
-            return {}, math.inf if selection.threshold is None else float(selection.threshold)
+        if selection.masked_grads is None:  # the host path
+            return {}, float(selection.threshold)
         return dict(zip(ranked, selection.masked_grads)), None
 
     @torch.no_grad()
@@ -223,31 +368,38 @@ class GSM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        masked_grads, threshold = self._select()
-        self._host_active = 0
-        for group in self.param_groups:
-            params: List[Tensor] = []
-            directions: List[Tensor] = []
-            owned: List[bool] = []  # whether a direction is this step's own tensor (not p.grad)
-            in_kernels: List[Tensor] = []
-            thresholds: List[float] = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("GSM does not support sparse gradients")
-                if threshold is not None and host_kernels.fits(p, p.grad):
-                    in_kernels.append(p)
-                    thresholds.append(threshold if self.is_prunable(group, p) else -math.inf)
+        work, ranked, num_prunable = self._work()
+        if self.fused:
+            for _, params in work:
+                for p in params:
+                    if not host_kernels.fits(p, p.grad):
+                        raise RuntimeError(f"GSM(fused=True): a parameter {tuple(p.shape)} and its gradient do not fit "
+                                           f"the host kernels (float32 CPU tensors, stored alike)")
+        masked_grads, threshold = self._select(ranked, num_prunable)
+        # The kernels update after a host-path selection (a threshold). A step without masking is SGD's own
+        # arithmetic (torch's multi-tensor ops) unless fused=True asks for the kernels.
+        kernels = threshold is not None or bool(self.fused and not masked_grads)
+        kernel_params, kernel_groups, thresholds, generic = [], [], [], []
+        for group, params in work:
+            entries: List[Tuple[Tensor, Tensor, bool]] = []  # (param, direction, whether the direction is new)
+            for p in params:
+                if kernels and host_kernels.fits(p, p.grad):
+                    kernel_params.append(p)
+                    kernel_groups.append(group)
+                    prunable = threshold is not None and self.is_prunable(group, p)
+                    thresholds.append(threshold if prunable else -math.inf)
                     continue
                 chosen = masked_grads.get(p)
-                params.append(p)
-                directions.append(p.grad if chosen is None else chosen)
-                owned.append(chosen is not None)
-            if params:
-                self._update(group, params, directions, owned)
-            if in_kernels:
-                self._update_in_kernels(group, in_kernels, thresholds)
+                entries.append((p, p.grad if chosen is None else chosen, chosen is not None))
+            if entries:
+                generic.append((group, entries))
+        self._host_active = 0
+        if kernel_params:
+            self._update_in_kernels(kernel_params, kernel_groups, thresholds)
+        for group, entries in generic:
+            params, directions, owned = (list(column) for column in zip(*entries))
+            self._update(group, params, directions, owned)
+        self.last_step_fused = not generic if kernel_params or generic else None
         return loss
 
     def _update(self, group: Dict[str, Any], params: List[Tensor], directions: List[Tensor],
@@ -292,14 +444,15 @@ class GSM(Optimizer):
                 directions = buffers
         torch._foreach_add_(params, directions, alpha=-lr)
 
-    def _update_in_kernels(self, group: Dict[str, Any], params: List[Tensor], thresholds: List[float]) -> None:
-        """`_update` for parameters that fit the host kernels, in one pass of `gsm.host_kernels.update` that
-        gives each element its loss gradient where |w * g| >= its parameter's threshold (-inf: everywhere)."""
-        momentum = group["momentum"]
-        buffers = [self._momentum_buffer_like(p) for p in params] if momentum != 0.0 else None
-        active = host_kernels.update(params, [p.grad for p in params], buffers, thresholds, group["lr"], momentum,
-                                     group["weight_decay"], group["nesterov"])
-        self._host_active += sum(count for count, tau in zip(active, thresholds) if tau != -math.inf)
+    def _update_in_kernels(self, params: List[Tensor], groups: List[Dict[str, Any]], thresholds: List[float]) -> None:
+        """`_update` for parameters that fit the host kernels (of any groups), in one pass of
+        `gsm.host_kernels.update` that gives each element its loss gradient where |w * g| >= its parameter's
+        threshold (-inf: everywhere)."""
+        buffers = [self._momentum_buffer_like(p) if g["momentum"] != 0.0 else None for p, g in zip(params, groups)]
+        active = host_kernels.update(params, [p.grad for p in params], buffers, thresholds,
+                                     [g["lr"] for g in groups], [g["momentum"] for g in groups],
+                                     [g["weight_decay"] for g in groups], [g["nesterov"] for g in groups])
+        self._host_active = sum(count for count, tau in zip(active, thresholds) if tau != -math.inf)
 
     def _momentum_buffer_like(self, p: Tensor) -> Tensor:
         """p's momentum buffer, stored like p (a buffer loaded in another memory layout is copied into p's). A

@@ -1,4 +1,5 @@
 """GSM's selection: the metric |w * g|, its exact global Q-th largest value, and which elements reach it."""
+import math
 from collections import deque
 from typing import Callable, Deque, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -24,14 +25,14 @@ def partition_select(values: np.ndarray, count: int, k: int) -> np.float32:
 
 def kth_largest(collect: Callable[[float], int], found: np.ndarray, k: int, bounds: Sequence[float] = (),
                 select: Callable[[np.ndarray, int, int], np.float32] = partition_select) -> Tuple[np.float32, int]:
-    """The exact k-th largest metric tau (k >= 1), from `collect(bound)`, which writes every metric >= bound
-    (NaN is not) to the front of the float32 array `found` and returns how many there are, and `select(found,
-    count, k)`, the k-th largest of the first `count`. Returns (tau, the number of candidates it was searched
-    among).
+    """The exact k-th largest metric tau (k >= 1; a NaN ranks above every number, as in torch.topk), from
+    `collect(bound)`, which writes every metric that is >= bound or NaN to the front of the float32 array
+    `found` and returns how many there are, and `select(found, count, k)`, the k-th largest of the first
+    `count`. Returns (tau, the number of candidates it was searched among).
 
-    Each of `bounds` is tried in turn: when at least k metrics are >= it, tau lies among them, so only they are
+    Each of `bounds` is tried in turn: when at least k metrics pass it, tau lies among them, so only they are
     searched and the answer is that of a full search, only cheaper. When no bound admits k, every metric is
-    searched (bound 0); should fewer than k be numbers (NaN), tau is 0 and every number is active.
+    searched (bound 0); should there be fewer than k metrics, tau is 0 and every one is active.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -74,6 +75,9 @@ class ThresholdSearch:
         bounds = () if bound is None else (bound, bound * self.retry)
         tau, self.last_searched = kth_largest(collect, found, k, bounds, select)
         current = float(tau)
+        if not math.isfinite(current):  # a non-finite gradient: no bound from it (the next search is whole)
+            self._previous = None
+            return tau
         if self._previous:
             self._ratios.append(min(1.0, current / self._previous))
         self._previous = current
@@ -121,11 +125,21 @@ def _without_autograd(tensors: Sequence[Tensor]) -> List[Tensor]:
 
 
 def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: Sequence[Tensor]) -> None:
-    """w * g of every tensor into its segment of the flat metric (the segments must cover it)."""
+    """w * g of every tensor into its float32 segment of the flat metric (the segments must cover it), computed
+    in float32 whatever the parameters' dtype: a float16 product of small weights and gradients would
+    underflow to ties at zero, whereas the float32 product of two float16 or bfloat16 numbers is exact (short
+    of float32's own underflow)."""
     params = _without_autograd(params)
+    low_precision = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
     if segments[0].device.type == "cpu":
         for p, g, segment in zip(params, grads, segments):
-            torch.mul(p, g, out=segment)
+            if p.dtype in (torch.float16, torch.bfloat16):
+                segment.copy_(p).mul_(g)  # the product of float32 by float16 is computed in float32
+            else:
+                torch.mul(p, g, out=segment)
+    elif low_precision:
+        torch._foreach_copy_(list(segments), params)
+        torch._foreach_mul_(list(segments), list(grads))
     else:  # one multi-tensor multiply and one multi-tensor copy, not a kernel per tensor
         torch._foreach_copy_(list(segments), torch._foreach_mul(params, list(grads)))
 
@@ -138,6 +152,10 @@ def flat_metric(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
 def split_flat(flat: Tensor, like: Sequence[Tensor], grads: Sequence[Tensor]) -> List[Tensor]:
     """Views of `flat` shaped like each tensor of `like`, laid out as `flat_metric(like, grads)` lays them out."""
     return FlatLayout(like, grads).views(flat)
+
+
+# The bit pattern of a NaN float32 one above +inf's (0x7f800000): the one value of every NaN metric.
+_ONE_NAN = 0x7F800001
 
 
 class Selection(NamedTuple):
@@ -181,6 +199,7 @@ class GlobalSelection:
         self._metric: Optional[Tensor] = None
         self._metric_views: List[Tensor] = []
         self._host_path = False
+        self._fits_host = False
         self._found = np.empty(0, dtype=np.float32)
         self._float_mask: Optional[Tensor] = None
         self._float_mask_views: List[Tensor] = []
@@ -191,15 +210,15 @@ class GlobalSelection:
         return self._host_path
 
     def _prepare(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        key = (params[0].device,) + tuple((p.shape, p.stride(), g.stride(), p.dtype, g.dtype, g.device)
+        key = (params[0].device,) + tuple((p.shape, g.shape, p.stride(), g.stride(), p.dtype, g.dtype, g.device)
                                           for p, g in zip(params, grads))
         if key == self._key:
             return
         self._key = key
-        self._host_path = on_fast_host_path(params, grads)
+        self._fits_host = on_fast_host_path(params, grads)
         self._layout = FlatLayout(params, grads)
         self._metric, self._metric_views = None, []
-        self._found = np.empty(self._layout.numel + 8 if self._host_path else 0, dtype=np.float32)
+        self._found = np.empty(self._layout.numel + 8 if self._fits_host else 0, dtype=np.float32)
         self._float_mask, self._float_mask_views = None, []
 
     def metric(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
@@ -211,22 +230,27 @@ class GlobalSelection:
         _write_metric(params, grads, self._metric_views)
         return self._metric.abs_()
 
-    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int) -> Selection:
-        """Select the elements of `params` with the k largest |w * g| (and any tied with the k-th)."""
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int,
+                 fused: Optional[bool] = None) -> Selection:
+        """Select the elements of `params` with the k largest |w * g| (and any tied with the k-th; a NaN ranks
+        above every number, as in torch.topk). `fused`: the host path when possible (None), never (False)."""
         self._prepare(params, grads)
+        self._host_path = fused is not False and self._fits_host and k > 0
         if self._host_path:
-            if k == 0:
-                return Selection(None)
             params = _without_autograd(params)
             tau = self.search(lambda bound: host_kernels.candidates(params, grads, bound, self._found),
                               self._found, k, host_kernels.kth_largest)
             return Selection(torch.from_numpy(np.asarray(tau, dtype=np.float32)))
+        if k == 0:  # no element takes its gradient (zeros, not g * 0, which is NaN where g is infinite)
+            mask = torch.zeros(self._layout.numel, dtype=torch.bool, device=params[0].device)
+            return Selection(None, mask, masked_grads=[torch.zeros_like(g) for g in grads])
         metric = self.metric(params, grads)
-        if k == 0:
-            threshold, mask = None, torch.zeros_like(metric, dtype=torch.bool)
-        else:
-            threshold = metric.topk(k, sorted=False).values.min()
-            mask = metric >= threshold
+        # Ranked by bit pattern, which orders non-negative floats as numbers and puts every NaN above +inf; the
+        # NaNs, whatever their payload, made one value so that they tie as topk's do.
+        bits = metric.view(torch.int32).clamp_(max=_ONE_NAN)
+        threshold_bits = bits.topk(k, sorted=False).values.min()
+        mask = bits >= threshold_bits
+        threshold = threshold_bits.view(torch.float32)
         if len({g.dtype for g in grads}) > 1:  # mixed dtypes: the mask tensor by tensor
             return Selection(threshold, mask, masked_grads=[g * m for g, m in zip(grads, self._layout.views(mask))])
         if self._float_mask is None:
@@ -246,5 +270,6 @@ def active_masks(params: Sequence[Tensor], grads: Sequence[Tensor], nonzero_rati
         return [torch.ones_like(p, dtype=torch.bool) for p in params]
     if q == 0:
         return [torch.zeros_like(p, dtype=torch.bool) for p in params]
-    threshold = torch.sort(metric, descending=True).values[q - 1]
-    return split_flat(metric >= threshold, params, grads)
+    threshold = torch.sort(metric, descending=True).values[q - 1]  # NaN sorts above every number
+    active = metric.isnan() if threshold.isnan() else (metric >= threshold) | metric.isnan()
+    return split_flat(active, params, grads)

@@ -28,7 +28,7 @@ def test_without_the_extension(monkeypatch):
     monkeypatch.setitem(sys.modules, "gsm._host_kernels", None)  # makes its import fail
     lib, why, threaded = host_kernels._load()
     assert lib is None and not threaded and "not built" in why and "pip install -e ." in why
-    monkeypatch.setattr(host_kernels, "_lib", None)
+    monkeypatch.setattr(host_kernels, "_kernels", None)
     monkeypatch.setattr(host_kernels, "_why_not", why)
     w = torch.nn.Parameter(torch.randn(20, 10))
     with pytest.warns(RuntimeWarning, match="host kernels are unavailable: the compiled extension"):
@@ -63,21 +63,25 @@ def test_candidates_equal_numpy(sizes):
         np.testing.assert_array_equal(out[:count], expected)  # in order, bit for bit
 
 
-def test_candidates_include_ties_and_skip_nan():
+def test_candidates_include_ties_and_nan():
+    """A NaN metric ranks above every number (as in torch.topk): it is a candidate at any bound."""
     w = torch.tensor([1.0, -2.0, 2.0, float("nan"), 0.5, 2.0, -1.0, 3.0, 2.0, float("nan")])
     g = torch.tensor([2.0, 1.0, -1.0, 1.0, 4.0, 1.0, 0.5, 1.0, 1.0, 0.0])
     out = np.zeros(w.numel() + 8, dtype=np.float32)
     count = host_kernels.candidates([w], [g], 2.0, out)
-    assert out[:count].tolist() == [2.0, 2.0, 2.0, 2.0, 2.0, 3.0, 2.0]
-    assert host_kernels.candidates([w], [g], 0.0, out) == 8  # every number, no NaN
+    assert np.array_equal(out[:count], [2.0, 2.0, 2.0, np.nan, 2.0, 2.0, 3.0, 2.0, np.nan], equal_nan=True)
+    assert host_kernels.candidates([w], [g], 0.0, out) == 10
+    assert host_kernels.candidates([w], [g], float("inf"), out) == 2  # the NaNs only
 
 
 def test_candidates_refuse_a_short_buffer():
     weights, grads = random_tensors([20], seed=0)
     with pytest.raises(ValueError, match="at least 28"):
         host_kernels.candidates(weights, grads, 0.0, np.empty(27, dtype=np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="float32"):
         host_kernels.candidates(weights, grads, 0.0, np.empty(40, dtype=np.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        host_kernels.candidates(weights, grads, 0.0, np.empty(80, dtype=np.float32)[::2])  # not contiguous
 
 
 @pytest.mark.parametrize("count", [1, 2, 9, 1000, 20000])
@@ -91,11 +95,13 @@ def test_kth_largest_equals_sorting(count):
         np.float32(1.0) + np.arange(count, dtype=np.float32) * np.finfo(np.float32).eps,  # neighbours in ulps
         np.full(count, 3e-39, dtype=np.float32),  # subnormal
     ]
-    for values in cases:
-        expected_order = np.sort(values)[::-1]
+    nans = np.where(gen.random(count) < 0.3, np.float32(np.nan), gen.random(count)).astype(np.float32)
+    for values in cases + [np.abs(nans), np.where(nans > 0.5, np.float32(np.inf), np.abs(nans)).astype(np.float32)]:
+        expected_order = np.sort(values)[::-1]  # numpy sorts NaN above every number, as torch.topk ranks it
         for k in sorted({1, 2, count // 3 + 1, count // 2, count - 1, count} & set(range(1, count + 1))):
             scratch = np.concatenate([values, [7.0, 8.0]]).astype(np.float32)  # those past `count` are not read
-            assert host_kernels.kth_largest(scratch, count, k) == expected_order[k - 1], (k, values[:5])
+            found = host_kernels.kth_largest(scratch, count, k)
+            assert found == expected_order[k - 1] or np.isnan(found) and np.isnan(expected_order[k - 1]), (k, values[:5])
 
 
 def test_kth_largest_refuses_bad_arguments():
@@ -103,14 +109,15 @@ def test_kth_largest_refuses_bad_arguments():
     for count, k in ((5, 0), (5, 6), (6, 1)):
         with pytest.raises(ValueError):
             host_kernels.kth_largest(values, count, k)
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError):
         host_kernels.kth_largest(values.astype(np.float64), 5, 1)
 
 
 def numpy_update(w, g, b, tau, lr, momentum, weight_decay, nesterov):
     """The update in numpy float32, in the kernels' (torch.optim.SGD's) order of operations."""
     f = np.float32
-    on = (np.abs(w * g) >= f(tau)) | (tau == -np.inf)
+    metric = np.abs(w * g)
+    on = (metric >= f(tau)) | np.isnan(metric)
     d = np.where(on, g, f(0.0)) + f(weight_decay) * w
     if b is None:
         return w - f(lr) * d, None, int(on.sum())
@@ -142,14 +149,16 @@ def test_update_equals_numpy(sizes, momentum, weight_decay, nesterov):
     assert 0 < sum(active[:-1]) < sum(sizes[:-1])  # the masked ones: some elements took their gradient, not all
 
 
-def test_update_unmasked_passes_nan_and_masked_holds_it_back():
-    """-inf lets every gradient through, NaN included (plain SGD); a finite threshold never admits a NaN
-    metric, so that element only decays."""
-    w = torch.tensor([1.0, 2.0])
-    for tau, expect_nan, expect_active in ((-np.inf, True, 2), (0.5, False, 1)):
-        weights, grads = [w.clone()], [torch.tensor([float("nan"), 1.0])]
-        active = host_kernels.update(weights, grads, None, [tau], 0.1, 0.0, 0.0, False)
-        assert bool(torch.isnan(weights[0][0])) == expect_nan and active == [expect_active]
+@pytest.mark.parametrize("tau,active_elements", [(-np.inf, [0, 1, 2]), (0.5, [0, 1]), (np.inf, [0, 1]),
+                                                  (np.nan, [0])])
+def test_update_passes_a_nan_metric_at_any_threshold(tau, active_elements):
+    """A NaN metric ranks above every number, so its element takes its gradient whatever the threshold, and the
+    NaN reaches the weight as with SGD (-inf: every element; a NaN threshold: the NaN elements only)."""
+    weights, grads = [torch.tensor([1.0, 2.0, 0.1])], [torch.tensor([float("nan"), float("inf"), 1.0])]
+    active = host_kernels.update(weights, grads, None, [tau], 0.1, 0.0, 0.0, False)
+    assert active == [len(active_elements)]
+    assert torch.isnan(weights[0][0]) and bool(torch.isinf(weights[0][1])) == (1 in active_elements)
+    assert float(weights[0][2]) == pytest.approx(0.1 - 0.1 * (2 in active_elements))
 
 
 def test_update_zero_buffer_is_sgds_first_step():
