@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from base_model import unwrap_model
 from gsm import exp_layout
-from gsm.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint, write_text_atomic
+from gsm.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint,
+                            write_text_atomic)
 from gsm.experiment_config import TrainConfig
 from gsm.lr_schedule import learning_rate
 from gsm.multi_gpu import all_reduce_mean, barrier
@@ -115,6 +116,25 @@ def _check_config(folder: Path, stage_config: Dict[str, Any], what: str) -> None
                 f"use another --out-root, or delete that folder to train it again")
 
 
+def _restore(checkpoint: Dict[str, Any], path: Path, model: nn.Module,
+             optimizer: torch.optim.Optimizer) -> Tuple[int, int]:
+    """Put the model, the optimizer and torch's RNG in the state of `checkpoint` (read from `path`); returns
+    (the next epoch, the log's size then). Whatever in it does not fit is refused in one line (CheckpointError),
+    before training starts: a resume never runs on a state that is not the run's."""
+    try:
+        next_epoch, log_size = checkpoint["next_epoch"], checkpoint["log_size"]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (next_epoch, log_size)):
+            raise ValueError(f"next_epoch {next_epoch!r} and log_size {log_size!r} must be counts")
+        unwrap_model(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["torch_rng"].cpu())
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        reason = " ".join(f"{exc.__class__.__name__}: {exc}".split())
+        raise CheckpointError(f"{path}: does not fit this stage ({reason[:300]}); delete it to restart this stage "
+                              f"from its beginning (the folder's other files are kept)") from exc
+    return next_epoch, log_size
+
+
 def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader, test_loader, *,
                 stage_config: Dict[str, Any], grad_mask: Optional[Mapping[str, Tensor]] = None,
                 writer: bool = True, progress: bool = True, amp: bool = False) -> str:
@@ -151,11 +171,8 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
             raise StageConfigMismatch(
                 f"{checkpoint_path} belongs to a run with another configuration; rerun with the same options, "
                 f"use another --out-root, or delete {folder} to start this stage again")
-        unwrap_model(model).load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["torch_rng"].cpu())
-        start_epoch = checkpoint["next_epoch"]
-        log.truncate(checkpoint["log_size"])
+        start_epoch, log_size = _restore(checkpoint, checkpoint_path, model, optimizer)
+        log.truncate(log_size)
         log.info(f"resumed from {exp_layout.CHECKPOINT} at epoch {start_epoch}")
         outcome = "resumed"
     else:
