@@ -32,7 +32,7 @@ def read_arrays(path: str) -> Dict[str, np.ndarray]:
     file (gsm.save_mask: bool arrays, True where a weight is kept)."""
     try:
         kind = file_format(path)
-    except OSError:
+    except WeightsFileError:
         kind = None  # not hdf5, missing...: read_hdf5 says which in one line
     if kind == SPARSE_FORMAT:
         return {k: v.numpy() for k, v in load_sparse(path).items()}

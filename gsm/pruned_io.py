@@ -4,8 +4,9 @@
 Both are hdf5 files marked by a `format` attribute on the root, so that neither is taken for a weights file of
 DESIGN 3 (which holds only arrays, and which `weights_io.read_hdf5` keeps reading exactly), and both are
 written atomically (a temporary file, fsynced, then renamed)."""
+import math
 import os
-from typing import Dict, Iterable, Mapping, Optional, Union
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import h5py
 import numpy as np
@@ -14,18 +15,24 @@ from torch import Tensor, nn
 
 from base_model import unwrap_model
 from gsm.pruning import prunable_parameters
-from gsm.weights_io import WeightsFileError, key_name, stored_name, write_hdf5_atomic
+from gsm.weights_io import (NUMERIC_KINDS, WeightsFileError, attribute_where, check_fits, checked_dataset,
+                            checked_datasets, copy_into, describe_value, entry_errors, entry_name, format_attribute,
+                            format_bytes, hard_linked, key_name, open_hdf5, read_attribute, read_dataset,
+                            state_dict_of, stored_name, write_hdf5_atomic)
 
 MASK_FORMAT = "gsm-mask-v1"
 SPARSE_FORMAT = "gsm-sparse-v1"
 PathLike = Union[str, os.PathLike]
+MAX_DIMS = 64  # numpy's limit on the dimensions of an array
+INT64_MAX = 2 ** 63 - 1
 
 
 def file_format(path: PathLike) -> Optional[str]:
-    """The `format` attribute of an hdf5 file (MASK_FORMAT, SPARSE_FORMAT), None for a plain weights file."""
-    with h5py.File(os.fspath(path), "r") as f:
-        value = f.attrs.get("format")
-    return value.decode() if isinstance(value, bytes) else value
+    """The `format` attribute of an hdf5 file (MASK_FORMAT, SPARSE_FORMAT), None for a plain weights file. Raises
+    WeightsFileError for a file that is missing or not hdf5, or whose attribute is not a string."""
+    path = os.fspath(path)
+    with entry_errors(path), open_hdf5(path) as f:
+        return format_attribute(f, path)
 
 
 def save_mask(mask: Mapping[str, Tensor], path: PathLike) -> None:
@@ -38,10 +45,12 @@ def save_mask(mask: Mapping[str, Tensor], path: PathLike) -> None:
 
 
 def load_mask(path: PathLike) -> Dict[str, Tensor]:
-    """The mask written by `save_mask`, as {parameter name: bool tensor} on the CPU."""
+    """The mask written by `save_mask`, as {parameter name: bool tensor} on the CPU. Raises WeightsFileError for
+    a file of another format, or an entry that is not a bool dataset (see weights_io.checked_dataset)."""
     path = os.fspath(path)
-    with _open(path, MASK_FORMAT) as f:
-        return {key_name(name): torch.from_numpy(np.asarray(item[()], dtype=bool)) for name, item in f.items()}
+    with entry_errors(path), _open(path, MASK_FORMAT) as f:
+        datasets = checked_datasets(f, path, kinds="b")
+        return {key_name(name): torch.from_numpy(read_dataset(dataset, path)) for name, dataset in datasets.items()}
 
 
 def save_sparse(model: Union[nn.Module, Mapping[str, Tensor]], path: PathLike,
@@ -79,50 +88,163 @@ def save_sparse(model: Union[nn.Module, Mapping[str, Tensor]], path: PathLike,
 
 def load_sparse(path: PathLike, model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
     """The state dict of a file written by `save_sparse` (dense tensors, in the saved order); loaded into
-    `model` too when one is given (every key must match, as for a weights file)."""
+    `model` too when one is given (every key, shape and dtype kind must match, as for a weights file).
+
+    Raises WeightsFileError for a malformed file: the structure, the declared shapes and dtypes (and the model's,
+    when given) are checked before any data is read, the indices after they are read and before the dense arrays
+    are allocated, and nothing is copied into the model unless the whole file passed."""
     path = os.fspath(path)
-    with _open(path, SPARSE_FORMAT) as f:
-        state = {}
-        for stored in f.attrs["keys"]:
-            stored = stored.decode() if isinstance(stored, bytes) else stored
-            if stored in f["dense"]:
-                state[key_name(stored)] = torch.from_numpy(np.asarray(f["dense"][stored][()]))
-                continue
-            group = f["sparse"][stored]
-            values = np.asarray(group["values"][()])
-            flat = np.zeros(int(np.prod(group.attrs["shape"])), dtype=values.dtype)
-            flat[np.asarray(group["indices"][()], dtype=np.int64)] = values
-            state[key_name(stored)] = torch.from_numpy(flat.reshape(tuple(group.attrs["shape"])))
-    if model is not None:
-        target = unwrap_model(model)
-        problems = sorted(set(state) ^ set(target.state_dict()))
-        if problems:
-            raise WeightsFileError(f"{path} does not fit the model: keys {', '.join(problems[:10])} differ")
-        with torch.no_grad():
-            for key, tensor in target.state_dict().items():
-                tensor.copy_(state[key])
-    return state
+    target = None if model is None else state_dict_of(model)
+    with entry_errors(path), _open(path, SPARSE_FORMAT) as f:
+        entries = _sparse_entries(f, path)
+        if target is not None:
+            check_fits(path, {key: _declared(entry) for key, entry in entries.items()}, target)
+        arrays = {key: _read_entry(entry, path) for key, entry in entries.items()}
+    if target is not None:
+        copy_into(path, target, arrays)
+    return {key: torch.from_numpy(array) for key, array in arrays.items()}
 
 
-class _open:
-    """Open an hdf5 file of the given format, or raise WeightsFileError in one line."""
+class _Sparse(NamedTuple):
+    """A checked compressed entry: its declared dense shape and its (not yet read) positions and values."""
+    where: str
+    shape: Tuple[int, ...]
+    indices: h5py.Dataset
+    values: h5py.Dataset
 
-    def __init__(self, path: str, expected: str) -> None:
-        self.path, self.expected, self.file = path, expected, None
 
-    def __enter__(self) -> h5py.File:
-        if not os.path.isfile(self.path):
-            raise WeightsFileError(f"{self.path}: no such file")
-        try:
-            self.file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise WeightsFileError(f"{self.path}: not a readable hdf5 file ({exc.__class__.__name__})") from exc
-        found = self.file.attrs.get("format")
-        found = found.decode() if isinstance(found, bytes) else found
-        if found != self.expected:
-            self.file.close()
-            raise WeightsFileError(f"{self.path}: holds {found or 'plain weights'}, not {self.expected}")
-        return self.file
+def _declared(entry: Union[h5py.Dataset, _Sparse]) -> Tuple[Tuple[int, ...], np.dtype]:
+    """The (shape, dtype) that an entry declares, dense or compressed."""
+    if isinstance(entry, _Sparse):
+        return entry.shape, entry.values.dtype
+    return entry.shape, entry.dtype
 
-    def __exit__(self, *exc_info) -> None:
-        self.file.close()
+
+def _sparse_entries(f: h5py.File, path: str) -> Dict[str, Union[h5py.Dataset, _Sparse]]:
+    """The entries of an export by key in `keys` order, each in one of `dense` and `sparse`, which hold no more."""
+    keys = _stored_keys(f, path)
+    dense, sparse = _root_groups(f, path)
+    with entry_errors(path):
+        dense_names, sparse_names = set(dense.keys()), set(sparse.keys())
+    for stored in keys:
+        if (stored in dense_names) == (stored in sparse_names):
+            where = "both" if stored in dense_names else "neither"
+            raise WeightsFileError(f"{path}: key '{stored}' is in {where} of the groups 'dense' and 'sparse'")
+    unlisted = sorted((dense_names | sparse_names) - set(keys))
+    if unlisted:
+        group = "dense" if unlisted[0] in dense_names else "sparse"
+        raise WeightsFileError(f"{path}: '{group}/{unlisted[0]}' is not one of the keys the attribute 'keys' lists")
+    return {key_name(stored): checked_dataset(dense, stored, path) if stored in dense_names
+            else _sparse_entry(sparse, stored, path) for stored in keys}
+
+
+def _stored_keys(f: h5py.File, path: str) -> List[str]:
+    """The root's `keys` attribute: a 1-D array of distinct strings (the stored names, in state-dict order)."""
+    with entry_errors(path, "attribute 'keys'"):
+        if "keys" not in f.attrs:
+            raise WeightsFileError(f"{path}: attribute 'keys' is missing")
+        value = read_attribute(f, "keys", path)
+        if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "OSU"):
+            raise WeightsFileError(f"{path}: attribute 'keys' holds {describe_value(value)}, not a 1-D array of "
+                                   f"strings")
+        keys = [item.decode() if isinstance(item, bytes) else item for item in value.tolist()]
+    seen = set()
+    for key in keys:
+        if not isinstance(key, str):
+            raise WeightsFileError(f"{path}: attribute 'keys' holds {describe_value(key)}, not a string")
+        if key in seen:
+            raise WeightsFileError(f"{path}: attribute 'keys' lists '{key}' twice")
+        seen.add(key)
+    return keys
+
+
+def _root_groups(f: h5py.File, path: str) -> Tuple[h5py.Group, h5py.Group]:
+    """The groups `dense` and `sparse` of an export, the only members of its root."""
+    with entry_errors(path):
+        extra = sorted(set(f.keys()) - {"dense", "sparse"})
+    if extra:
+        raise WeightsFileError(f"{path}: '{extra[0]}' is neither the group 'dense' nor 'sparse'")
+    return _group(f, "dense", path), _group(f, "sparse", path)
+
+
+def _group(parent: h5py.Group, name: str, path: str) -> h5py.Group:
+    """Member `name` of `parent`, which must be a group reached by a hard link."""
+    group = hard_linked(parent, name, path)
+    if not isinstance(group, h5py.Group):
+        raise WeightsFileError(f"{path}: '{entry_name(parent, name)}' is not a group")
+    return group
+
+
+def _sparse_entry(sparse: h5py.Group, stored: str, path: str) -> _Sparse:
+    """A compressed entry: a group of only 1-D `indices` and `values` of one length, at most its shape's size."""
+    group = _group(sparse, stored, path)
+    where = f"'{entry_name(group)}'"
+    with entry_errors(path, where):
+        members = sorted(group.keys())
+    if members != ["indices", "values"]:
+        raise WeightsFileError(f"{path}: {where} holds {members}, not exactly 'indices' and 'values'")
+    shape = _declared_shape(group, path)
+    indices = checked_dataset(group, "indices", path, kinds="iu")
+    values = checked_dataset(group, "values", path, kinds=NUMERIC_KINDS)
+    for dataset in (indices, values):
+        if len(dataset.shape) != 1:
+            raise WeightsFileError(f"{path}: '{entry_name(dataset)}' has shape {dataset.shape}, not one dimension")
+    if indices.shape != values.shape:
+        raise WeightsFileError(f"{path}: {where} holds {indices.shape[0]} indices but {values.shape[0]} values")
+    if indices.shape[0] > math.prod(shape):
+        raise WeightsFileError(f"{path}: {where} holds {indices.shape[0]} indices for shape {shape} of "
+                               f"{math.prod(shape)} elements")
+    return _Sparse(where, shape, indices, values)
+
+
+def _declared_shape(group: h5py.Group, path: str) -> Tuple[int, ...]:
+    """The `shape` attribute of an entry: 1-D, at most MAX_DIMS integer sizes, none negative, elements in an int64."""
+    where = attribute_where(group, "shape")
+    if "shape" not in group.attrs:
+        raise WeightsFileError(f"{path}: {where} is missing")
+    value = read_attribute(group, "shape", path)
+    if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu"):
+        raise WeightsFileError(f"{path}: {where} holds {describe_value(value)}, not a 1-D array of integers")
+    if len(value) > MAX_DIMS:
+        raise WeightsFileError(f"{path}: {where} has {len(value)} sizes, more than {MAX_DIMS}")
+    shape = tuple(int(size) for size in value.tolist())
+    if any(size < 0 for size in shape):
+        raise WeightsFileError(f"{path}: {where} holds a negative size: {shape}")
+    if math.prod(max(size, 1) for size in shape) > INT64_MAX:
+        raise WeightsFileError(f"{path}: {where} declares shape {shape}, more elements than an int64 counts")
+    return shape
+
+
+def _read_entry(entry: Union[h5py.Dataset, _Sparse], path: str) -> np.ndarray:
+    """The dense array of an entry; a compressed one's indices are checked before its array is allocated."""
+    if not isinstance(entry, _Sparse):
+        return read_dataset(entry, path)
+    size = math.prod(entry.shape)
+    indices = read_dataset(entry.indices, path)
+    if indices.size and not (indices[1:] > indices[:-1]).all():
+        raise WeightsFileError(f"{path}: '{entry_name(entry.indices)}' is not strictly increasing")
+    if indices.size and (indices[0] < 0 or indices[-1] >= size):
+        raise WeightsFileError(f"{path}: '{entry_name(entry.indices)}' holds positions outside [0, {size}) "
+                               f"(from {indices[0]} to {indices[-1]})")
+    values = read_dataset(entry.values, path)
+    try:
+        dense = np.zeros(size, dtype=values.dtype).reshape(entry.shape)
+    except (MemoryError, ValueError) as exc:  # ValueError: more bytes than an address can count
+        raise WeightsFileError(f"{path}: {entry.where} declares shape {entry.shape} "
+                               f"({format_bytes(size * values.dtype.itemsize)}), more than can be allocated") from exc
+    dense.reshape(-1)[indices.astype(np.int64)] = values
+    return dense
+
+
+def _open(path: str, expected: str) -> h5py.File:
+    """`path` opened read-only if its `format` attribute is `expected`, else WeightsFileError in one line."""
+    f = open_hdf5(path)
+    try:
+        found = format_attribute(f, path)
+    except BaseException:
+        f.close()
+        raise
+    if found != expected:
+        f.close()
+        raise WeightsFileError(f"{path}: holds {found or 'plain weights'}, not {expected}")
+    return f

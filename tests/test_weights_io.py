@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import h5py
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import gsm
+import hdf5_cases as cases
 from base_model import build_model
 from gsm.weights_io import WeightsFileError, load_hdf5, read_hdf5, save_hdf5
 
@@ -227,3 +230,111 @@ def test_save_overwrites_and_accepts_str_path(tmp_path):
     save_hdf5({"b": torch.ones(3)}, path)
     assert list(read_hdf5(path)) == ["b"]
     assert sorted(os.listdir(tmp_path)) == ["w.hdf5"]
+
+
+# Damaged weights files (made by hdf5_cases): refused in one line naming the file and the entry, from the metadata.
+
+# (mutation, target, parameters, message pattern) for weights files that read_hdf5 and load_hdf5 both refuse.
+WEIGHTS_REFUSED = {
+    "2^20 x 2^20, no data": ("unstored", "0.weight", {"how": "huge"},
+                             r"'0\.weight' declares shape \(1048576, 1048576\) \(4\.00 TiB\) but stores 0 bytes$"),
+    "2^20 x 2^20 chunked with a fill value": ("unstored", "0.weight", {"how": "huge with fill value"},
+                                              r"\(4\.00 TiB\) but stores 0 bytes$"),
+    "2^20 x 2^20 compressed, one chunk written": ("unstored", "0.weight", {"how": "huge compressed"},
+                                                  r"\(4\.00 TiB\) but stores \d+ compressed bytes \(deflate expands "
+                                                  r"at most 1032x\)$"),
+    "never written": ("unstored", "0.weight", {"how": "never written"},
+                      r"'0\.weight' declares shape \(3, 4\) \(48 bytes\) but stores 0 bytes$"),
+    "one chunk of three written": ("unstored", "0.bias", {"how": "partly written"},
+                                   r"declares shape \(3,\) \(12 bytes\) but stores 4 bytes$"),
+    "a soft link": ("replace", "0.weight", {"what": "soft link"},
+                    r"'0\.weight' is a soft link; a weights file holds its entries itself$"),
+    "a dangling soft link": ("replace", "0.weight", {"what": "dangling soft link"}, "is a soft link"),
+    "an external link": ("replace", "0.weight", {"what": "external link"}, "is an external link"),
+    "external storage": ("replace", "0.weight", {"what": "external storage"},
+                         r"'0\.weight' keeps its data in an external file \(.*raw\.bin\)"),
+    "a virtual dataset": ("replace", "0.weight", {"what": "virtual"}, r"'0\.weight' is a virtual dataset"),
+    "a group": ("replace", "0.weight", {"what": "group"}, r"'0\.weight' is a group; a weights file holds only arrays"),
+    "a named datatype": ("replace", "0.weight", {"what": "named datatype"}, "is a named datatype"),
+    "a null dataspace": ("replace", "0.bias", {"what": "null dataspace"}, "has a null dataspace"),
+    "records": ("replace", "0.bias", {"what": "records"}, r"holds \[\('x', '<f4'\), \('y', '<i4'\)\] data; a weights"),
+    "complex numbers": ("retype", "0.bias", {"dtype": "c8", "nan": False},
+                        "holds complex64 data; a weights file holds only numeric arrays"),
+    "a number as format": ("format attribute", None, {"change": "number"}, "attribute 'format' holds int64"),
+    "a mask's format": ("format attribute", None, {"change": "other kind"}, "a gsm-sparse-v1 file, not a weights"),
+    "truncated": ("truncate", None, {"removed": 1}, r"not a readable hdf5 file \(OSError\)$"),
+}
+
+
+@pytest.mark.parametrize("case", WEIGHTS_REFUSED)
+def test_malformed_weights_file_is_refused(tmp_path, case):
+    name, target, params, pattern = WEIGHTS_REFUSED[case]
+    path, verdict = cases.damaged(tmp_path, "weights", name, target, **params)
+    assert cases.check_outcome("weights", path, verdict) == "refused/refused"  # the model is left unchanged
+    for read in (read_hdf5, lambda p: load_hdf5(cases.tiny_model(1), p)):
+        with pytest.raises(WeightsFileError) as info:
+            read(path)
+        message = str(info.value)
+        assert message.startswith(str(path)) and len(message.splitlines()) == 1
+        assert re.search(pattern, message), message
+
+
+@pytest.mark.parametrize("dtype, fits", [("f8", False), ("f2", False), ("bool", True), ("u1", True), ("i4", True)])
+def test_num_batches_tracked_takes_integers_only(tmp_path, dtype, fits):
+    """A float array in an integer buffer would be truncated: refused by name; integers and bools load."""
+    path, verdict = cases.damaged(tmp_path, "weights", "retype", "1.num_batches_tracked", dtype=dtype, nan=False)
+    assert cases.check_outcome("weights", path, verdict) == ("loaded/loaded" if fits else "loaded/refused")
+    if not fits:
+        with pytest.raises(WeightsFileError, match=rf"mis-typed keys: 1\.num_batches_tracked \(file "
+                                                   rf"{np.dtype(dtype)}, model torch\.int64\)"):
+            load_hdf5(cases.tiny_model(1), path)
+
+
+def test_integers_out_of_an_integer_buffers_range_are_refused(tmp_path):
+    model = nn.Module()
+    model.register_buffer("codes", torch.zeros(3, dtype=torch.uint8))
+    save_hdf5({"codes": torch.tensor([1, 300, 2])}, tmp_path / "w.hdf5")
+    with pytest.raises(WeightsFileError, match=r"'codes' holds values from 1 to 300, outside the range of the "
+                                               r"model's torch\.uint8"):
+        load_hdf5(model, tmp_path / "w.hdf5")
+    assert model.codes.tolist() == [0, 0, 0]
+    save_hdf5({"codes": torch.tensor([1, 255, 2])}, tmp_path / "w.hdf5")
+    assert load_hdf5(model, tmp_path / "w.hdf5").codes.tolist() == [1, 255, 2]
+
+
+@pytest.mark.parametrize("name, target, params", [
+    *[("restore", "0.weight", {"layout": layout}) for layout in cases.LAYOUTS],
+    ("restore", "1.num_batches_tracked", {"layout": "big-endian"}),
+    ("retype", "0.weight", {"dtype": "f8", "nan": True}), ("retype", "2.bias", {"dtype": "f2", "nan": False}),
+    ("retype", "0.bias", {"dtype": "i4", "nan": False}), ("new values", "1.running_var", {"seed": 5}),
+    ("format attribute", None, {"change": "missing"})])
+def test_valid_weights_variants_load_exactly(tmp_path, name, target, params):
+    """Compressed, chunked, big-endian or other numeric dtypes: what the file holds, bit for bit."""
+    path, verdict = cases.damaged(tmp_path, "weights", name, target, **params)
+    intact = cases.reference("weights", tmp_path / cases.SOURCE)
+    assert cases.check_outcome("weights", path, verdict, intact) == "loaded/loaded"
+
+
+@pytest.mark.parametrize("kind", ["weights", "sparse"])
+def test_the_model_is_checked_before_any_data_is_read(tmp_path, monkeypatch, kind):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a dataset was read")
+
+    path, _ = cases.damaged(tmp_path, kind, "reshape", "0.bias" if kind == "weights" else "dense/0.bias", how="row")
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", no_reading)
+    monkeypatch.setattr(h5py.Dataset, "read_direct", no_reading)
+    with pytest.raises(WeightsFileError, match=r"mis-shaped keys: 0\.bias \(file \(1, 3\), model \(3,\)\)"):
+        if kind == "weights":
+            load_hdf5(cases.tiny_model(1), path)
+        else:
+            gsm.load_sparse(path, cases.tiny_model(1))
+
+
+def test_messages_stay_on_one_line(tmp_path):
+    path = tmp_path / "w.hdf5"
+    with h5py.File(path, "w") as f:
+        f["line one\nline two"] = np.array([b"text"])
+    with pytest.raises(WeightsFileError) as info:
+        read_hdf5(path)
+    assert str(info.value) == f"{path}: 'line one line two' holds |S4 data; a weights file holds only numeric arrays"
+    assert WeightsFileError("a\nb\r\nc").args == ("a b c",)
