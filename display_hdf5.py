@@ -10,7 +10,7 @@ import numpy as np
 from gsm.pruning import sparsity_report
 from gsm.pruned_io import MASK_FORMAT, SPARSE_FORMAT, file_format, load_mask, load_sparse
 from gsm.weights_io import WeightsFileError, read_hdf5
-from gsm.plots import plot_path, pyplot
+from gsm.experiments.plots import plot_path, pyplot
 
 
 def describe_arrays(arrays) -> str:

@@ -24,12 +24,11 @@ MODEL_DATASETS = {name: ("mnist" if name.startswith("lenet") else "cifar10") for
 
 
 def trains_channels_last(name: str, device: Union[str, torch.device]) -> bool:
-    """Whether model `name` trains with weights and images in the channels_last memory layout on `device`.
-    Measured on a 2-core CPU (oneDNN; `python bench/bench_layout.py`): LeNet-5 iterations run 1.5x as fast
-    in it, with gradients as close to float64 as in the default layout; ResNet-56 runs 1.2 to 1.3x as fast, but
-    channels_last BatchNorm is less precise there (rc20's gradients end up about 80x further from float64),
-    so on the CPU the ResNets keep the default layout. On GPUs the convolutional models use it: cuDNN's
-    fastest convolution kernels are channels_last. LeNet-300-100 has no convolutions."""
+    """Whether model `name` trains with weights and images in the channels_last memory layout on `device`: on
+    the CPU LeNet-5 does (faster, gradients as precise) and the ResNets do not (faster, but channels_last
+    BatchNorm is less precise there); on GPUs every convolutional model does (cuDNN's fastest convolutions are
+    channels_last). LeNet-300-100 has no convolutions. `bench/bench_layout.py` measures it; the README has the
+    figures."""
     if name == "lenet300":
         return False
     return name == "lenet5" or torch.device(device).type == "cuda"
@@ -48,19 +47,6 @@ def init_weights(model: nn.Module) -> None:
                 module.reset_parameters()
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DistributedDataParallel and torch.compile wrappers (whose parameter names carry
-    `module.` and `_orig_mod.` prefixes)."""
-    while True:
-        # No `or` between the two: a compiled module's truth value calls len(), which a plain network lacks.
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def build_model(name: str) -> nn.Module:
     """Build and initialise the network called `name` (one of MODEL_NAMES)."""
     if name not in _BUILDERS:
@@ -70,5 +56,5 @@ def build_model(name: str) -> nn.Module:
     return model
 
 
-__all__ = ["build_model", "init_weights", "unwrap_model", "trains_channels_last", "MODEL_NAMES", "MODEL_DATASETS", "LeNet300",
+__all__ = ["build_model", "init_weights", "trains_channels_last", "MODEL_NAMES", "MODEL_DATASETS", "LeNet300",
            "LeNet5", "CifarResNet"]

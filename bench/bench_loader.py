@@ -70,7 +70,7 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=12, help="timed epochs per feed (default 12)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256, as DESIGN 2)")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256, the LeNets')")
     parser.add_argument(
         "--data-root", default=None,
         help="folder holding MNIST/ (default: $MNIST_PATH, else ./data)",

@@ -36,11 +36,12 @@ from torch import Tensor, nn
 
 import dataset
 from base_model import MODEL_DATASETS, build_model, trains_channels_last
-from gsm import exp_layout, host_kernels
+from gsm import host_kernels
+from gsm.experiments import layout
 from gsm.denormals import flush_denormals, set_flush_denormals
-from gsm.experiment_config import DEFAULT_RECIPE, LENET_BASE, LENET_GSM, RECIPES, TrainConfig, gsm_config
-from gsm.lr_schedule import learning_rate
-from gsm.trainer import build_optimizer, train_epoch
+from gsm.experiments.configs import DEFAULT_RECIPE, LENET_BASE, LENET_GSM, RECIPES, TrainConfig, gsm_config
+from gsm.experiments.lr_schedule import learning_rate
+from gsm.experiments.trainer import build_optimizer, train_epoch
 from gsm.weights_io import load_hdf5
 
 METHODS = ("GSM", "base SGD", "SGD at state")
@@ -158,8 +159,8 @@ def run_timing(args: argparse.Namespace) -> None:
         model = model.to(memory_format=torch.channels_last)
     base_optimizer = build_optimizer(model, base_config)
     if args.base_from:
-        path = exp_layout.lottery_base_dir(args.base_from, args.net) / exp_layout.FINISH_WEIGHTS
-        load_hdf5(model, path)
+        path = layout.lottery_base_dir(args.base_from, args.net) / layout.FINISH_WEIGHTS
+        load_hdf5(path, model)
         print(f"base: {path}")
         # The base's last epoch, run again from its result, gives the SGD reference its momentum buffers.
         train_epochs(model, base_optimizer, train_loader, base_lr_at, base_config.num_epochs - 1,
@@ -325,16 +326,16 @@ def stage_kind(folder_name: str) -> str:
 
 def report_logs(roots: Sequence[str]) -> int:
     for root in roots:
-        folders = [p.parent for family in (exp_layout.LOTTERY_EXPS, exp_layout.GSM_EXPS)
-                   for p in sorted(Path(root, family).glob(f"*/{exp_layout.LOG}"))]
+        folders = [p.parent for family in (layout.LOTTERY_EXPS, layout.GSM_EXPS)
+                   for p in sorted(Path(root, family).glob(f"*/{layout.LOG}"))]
         if not folders:
-            print(f"{root}: no stage logs under {exp_layout.LOTTERY_EXPS}/ or {exp_layout.GSM_EXPS}/", file=sys.stderr)
+            print(f"{root}: no stage logs under {layout.LOTTERY_EXPS}/ or {layout.GSM_EXPS}/", file=sys.stderr)
             return 1
         print(f"{root}")
         print(f"  {'stage':<48}  {'epochs':>6}  {'median s':>8}  {'mean s':>7}  {'sum s':>8}")
         by_kind: Dict[str, List[float]] = {"base": [], "GSM": [], "retrain": []}
         for folder in folders:
-            seconds = list(epoch_seconds(folder / exp_layout.LOG).values())
+            seconds = list(epoch_seconds(folder / layout.LOG).values())
             if not seconds:
                 continue
             by_kind[stage_kind(folder.name)].extend(seconds)

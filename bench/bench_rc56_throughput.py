@@ -1,5 +1,5 @@
 """Training throughput of ResNet-56 on CIFAR-10-sized data: GSM against plain SGD through the real training
-loop (`gsm.trainer.train_epoch`, device-resident data with batched augmentation), measured side by side.
+loop (`gsm.experiments.trainer.train_epoch`, device-resident data with batched augmentation), measured side by side.
 On CUDA it also times a full epoch with each speed option of gsm_rc56.py (plain, --amp, --amp --compile, and
 --amp --compile reduce-overhead, which adds CUDA graphs) and projects the time of the whole 1100-epoch
 experiment (500 base + 600 GSM epochs, evaluations every second epoch)."""
@@ -12,9 +12,9 @@ import torch
 
 import dataset
 from base_model import build_model, trains_channels_last
-from gsm.experiment_config import RC_BASE, RC_GSM, gsm_config
-from gsm.lr_schedule import learning_rate
-from gsm.trainer import build_optimizer, evaluate, train_epoch
+from gsm.experiments.configs import RC_BASE, RC_GSM, gsm_config
+from gsm.experiments.lr_schedule import learning_rate
+from gsm.experiments.trainer import build_optimizer, evaluate, train_epoch
 
 CIFAR_TRAIN, CIFAR_TEST, BATCH = 50000, 10000, 64
 WARMUP_ITERS = 30  # iterations that compile the model and record its CUDA graphs before the timed epochs

@@ -26,7 +26,8 @@ from torch import nn
 import dataset
 from base_model import build_model
 from bench_pipeline import cpu_model  # bench/ is on sys.path when a bench runs
-from gsm import exp_layout, load_hdf5, sparsity_report
+from gsm import load_hdf5, sparsity_report
+from gsm.experiments import layout
 
 RATIOS = {"lenet300": 60, "lenet5": 300}
 
@@ -71,7 +72,7 @@ def time_interleaved(calls: Dict[str, Callable[[], torch.Tensor]], repeats: int)
 
 
 def find_file(root: Path, net: str) -> Path:
-    return exp_layout.lottery_dir(root, net, RATIOS[net], "gsm") / exp_layout.PRUNED_WEIGHTS
+    return layout.lottery_dir(root, net, RATIOS[net], "gsm") / layout.PRUNED_WEIGHTS
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -100,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("-" * len(header))
     for net, path in files.items():
         model = build_model(net)
-        load_hdf5(model, path)
+        load_hdf5(path, model)
         model.eval()
         sparse = with_sparse_linears(model)
         linear = {name: p for name, p in model.named_parameters() if name.startswith("linear") and p.dim() == 2}

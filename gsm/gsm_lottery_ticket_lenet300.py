@@ -2,7 +2,7 @@
 import sys
 from typing import List, Optional
 
-from gsm.cli import lottery_main, run_main
+from gsm.experiments.cli import lottery_main, run_main
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -3,8 +3,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from gsm.cli import add_run_options, check_ratio_keeps_weights, compression_ratio, run_main, run_options
-from gsm.rc56 import ResNetConfig, run_resnet
+from gsm.experiments.cli import add_run_options, check_ratio_keeps_weights, compression_ratio, run_main, run_options
+from gsm.experiments.rc56 import ResNetConfig, run_resnet
 
 ARCHS = ("rc20", "rc32", "rc44", "rc56", "rc110")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -3,7 +3,7 @@ from typing import Any, Dict, List, Tuple
 
 from torch import nn
 
-from base_model import unwrap_model
+from gsm.wrappers import unwrap_model
 
 # Normalisation layers, whose weights and biases are scales and shifts rather than weights to decay or prune.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)

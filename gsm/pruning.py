@@ -7,13 +7,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from base_model import unwrap_model
+from gsm.selection import check_nonzero_ratio
+from gsm.wrappers import unwrap_model
 
 Mask = Dict[str, Tensor]
 
 
 def is_prunable_shape(shape) -> bool:
-    """Prunable tensors are those of dim > 1: conv kernels and linear weights (DESIGN 1)."""
+    """Prunable tensors are those of dim > 1: conv kernels and linear weights."""
     return len(shape) > 1
 
 
@@ -38,13 +39,12 @@ def num_pruned_to(num_prunable: int, nonzero_ratio: float) -> int:
 
 def global_magnitude_mask(model: Union[nn.Module, Mapping[str, Tensor]], nonzero_ratio: float,
                           names: Optional[Iterable[str]] = None) -> Mask:
-    """The hard mask of DESIGN 1 over all prunable parameters of `model` (a module, possibly wrapped, or a dict
+    """The hard prune's mask (docs/design.md, section 1) over all prunable parameters of `model` (a module, possibly wrapped, or a dict
     of tensors): those in `names`, by default those of dim > 1. With num_zero = int(N * (1 - nonzero_ratio))
     and the threshold the num_zero-th smallest |w| (0-based, ascending), keep |w| >= threshold. Without ties
     this keeps N - num_zero elements. Pass `names=optimizer.prunable_names(model)` (or use
     `GSM.hard_mask(model)`) so that the prune keeps what GSM trained for when param groups set `prunable`."""
-    if not 0.0 < nonzero_ratio <= 1.0:
-        raise ValueError(f"Invalid nonzero_ratio: {nonzero_ratio} (must be in (0, 1])")
+    check_nonzero_ratio(nonzero_ratio)
     named = _chosen(model, names)
     if not named:
         raise ValueError("the model has no prunable parameters (none of dim > 1)")

@@ -7,6 +7,7 @@ allocating whatever size it declares, reading another file, or broadcasting into
 import contextlib
 import math
 import os
+import warnings
 from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import h5py
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from base_model import unwrap_model
+from gsm.atomic_write import write_atomic
+from gsm.wrappers import unwrap_model
 
 NUMERIC_KINDS = "biuf"  # numpy dtype kinds: bool, signed and unsigned integers, floats
 # What each kind rule says when a dataset breaks it.
@@ -53,20 +55,12 @@ def state_dict_of(model: nn.Module) -> Dict[str, Tensor]:
 
 
 def write_hdf5_atomic(path: Union[str, os.PathLike], write: Callable[[h5py.File], None]) -> None:
-    """Create an hdf5 file by `write(file)` under a temporary name in the same folder, fsync it and rename it,
-    so that a crash never leaves a partial file under `path`."""
-    path = os.fspath(path)
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        with h5py.File(tmp_path, "w", track_order=True) as f:  # keep the order of writing
+    """Create an hdf5 file by `write(file)`, atomically (gsm.atomic_write): a crash never leaves a partial file
+    under `path`. Entries keep the order of writing."""
+    def write_file(temporary: str) -> None:
+        with h5py.File(temporary, "w", track_order=True) as f:
             write(f)
-            f.flush()
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    write_atomic(path, write_file)
 
 
 def save_hdf5(model: Union[nn.Module, Mapping[str, Tensor]], path: Union[str, os.PathLike]) -> None:
@@ -89,10 +83,16 @@ def read_hdf5(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
         return {key_name(name): read_dataset(dataset, path) for name, dataset in _weights_datasets(f, path).items()}
 
 
-def load_hdf5(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load a weights file into `model` in place (all keys must match). Raises WeightsFileError naming the
-    missing, unexpected, mis-shaped and mis-typed keys (up to ten of each kind, and how many more), found from the
-    file's metadata before any data is read; the model is changed only when the whole file fits."""
+def load_hdf5(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
+    """Load a weights file into `model` in place (all keys must match) and return the model. Raises
+    WeightsFileError naming the missing, unexpected, mis-shaped and mis-typed keys (up to ten of each kind, and
+    how many more), found from the file's metadata before any data is read; the model is changed only when the
+    whole file fits. (The order `load_hdf5(model, path)` of earlier versions still works, with a
+    DeprecationWarning: every loader takes the path first, every saver the object first.)"""
+    if isinstance(path, nn.Module):
+        warnings.warn("load_hdf5(model, path) is deprecated: call load_hdf5(path, model), as every gsm loader takes "
+                      "the path first", DeprecationWarning, stacklevel=2)
+        path, model = model, path
     path = os.fspath(path)
     target = state_dict_of(model)
     with entry_errors(path), open_hdf5(path) as f:

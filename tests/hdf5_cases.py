@@ -540,7 +540,7 @@ def load(kind: str, path: Path, model: Optional[nn.Module]) -> Optional[Dict[str
     if kind == "weights" and model is None:
         return gsm.read_hdf5(path)
     if kind == "weights":
-        assert gsm.load_hdf5(model, path) is model
+        assert gsm.load_hdf5(path, model) is model
         return None
     if kind == "mask":
         return {k: v.numpy() for k, v in gsm.load_mask(path).items()}

@@ -35,7 +35,7 @@ def arm(point: dict) -> None:
     """Install the one patch that kills at `point` (modules are patched in this doomed process only)."""
     folder, at = point["folder"], point["at"]
     if at == "batch":
-        import gsm.trainer as trainer
+        import gsm.experiments.trainer as trainer
 
         current = {"folder": None}
         load_checkpoint, train_epoch = trainer.load_checkpoint, trainer.train_epoch
@@ -97,7 +97,7 @@ def arm(point: dict) -> None:
 
         os.replace = killing_replace
     elif at == "logged":
-        from gsm.train_log import StageLog
+        from gsm.experiments.train_log import StageLog
 
         info = StageLog.info
 

@@ -1,5 +1,5 @@
 """Shared by tests/test_faults.py and tests/test_bad_inputs.py: running the experiment scripts (as processes
-or in process through their own `main` and `gsm.cli.run_main`) and fingerprinting the files they leave."""
+or in process through their own `main` and `gsm.experiments.cli.run_main`) and fingerprinting the files they leave."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from gsm.cli import run_main
+from gsm.experiments.cli import run_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {

@@ -3,7 +3,7 @@ checkpoint files of an earlier run. Each must stop with one error line on stderr
 the fix, exit 2 for a usage error and 1 otherwise, print no traceback, and change no existing result file.
 
 Most cases run in process through the scripts' own `main` (their `__main__` blocks only call it, through
-gsm.cli.run_main for the experiment scripts); a few run as real processes to check the same end to end."""
+gsm.experiments.cli.run_main for the experiment scripts); a few run as real processes to check the same end to end."""
 from __future__ import annotations
 
 import io
@@ -22,12 +22,12 @@ import pytest
 import torch
 
 import dataset
-import gsm.lottery
-import gsm.rc56
+import gsm.experiments.lottery
+import gsm.experiments.rc56
 from base_model import build_model
 from conftest import write_idx
-from gsm import exp_layout
-from gsm.experiment_config import LENET_BASE, RC_BASE
+from gsm.experiments import layout
+from gsm.experiments.configs import LENET_BASE, RC_BASE
 from gsm.weights_io import save_hdf5
 from script_runs import SCRIPTS, call_script, fingerprint, run_script
 
@@ -37,11 +37,11 @@ LENET_SMOKE = ["--scale", "0.01", "--device", "cpu", "--no-progress"]
 RC_SMOKE = ["--scale", "0.002", "--device", "cpu", "--no-progress"]
 MNIST_FIX = "point MNIST_PATH (or the data root argument) at the folder holding the dataset"
 CIFAR_FIX = "point CIFAR10_PATH (or the data root argument) at the folder holding the dataset"
-LENET_BASE_DIR = Path(exp_layout.LOTTERY_EXPS) / "lottery_lenet300_base"
-LENET_GSM_DIR = Path(exp_layout.LOTTERY_EXPS) / "lottery_lenet300_compress60_gsm"
-RC_BASE_DIR = Path(exp_layout.GSM_EXPS) / "rc56_base_train"
-INIT, FINISH = exp_layout.INIT_WEIGHTS, exp_layout.FINISH_WEIGHTS
-CONFIG, CHECKPOINT = exp_layout.STAGE_CONFIG, exp_layout.CHECKPOINT
+LENET_BASE_DIR = Path(layout.LOTTERY_EXPS) / "lottery_lenet300_base"
+LENET_GSM_DIR = Path(layout.LOTTERY_EXPS) / "lottery_lenet300_compress60_gsm"
+RC_BASE_DIR = Path(layout.GSM_EXPS) / "rc56_base_train"
+INIT, FINISH = layout.INIT_WEIGHTS, layout.FINISH_WEIGHTS
+CONFIG, CHECKPOINT = layout.STAGE_CONFIG, layout.CHECKPOINT
 
 
 def script_name(script: str) -> str:
@@ -98,7 +98,7 @@ def write_cifar(root: Path, per_file: int = 16, test_count: int = 20) -> Path:
 
 
 def stage_config(model: str, train: dict) -> dict:
-    """The configuration the scripts record for a base stage at seed 0 (gsm.lottery and gsm.rc56)."""
+    """The configuration the scripts record for a base stage at seed 0 (gsm.experiments.lottery and gsm.experiments.rc56)."""
     return {"stage": "base", "model": model, "seed": 0, "train": train}
 
 
@@ -109,7 +109,7 @@ def write_finished_base(folder: Path, model: str, config: dict, weights_model: s
     save_hdf5(build_model(weights_model), folder / INIT)
     save_hdf5(build_model(weights_model), folder / FINISH)
     (folder / CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
-    (folder / exp_layout.LOG).write_text("2024-01-01 00:00:00,000 train INFO: validate at epoch 2, top1=50.00000, "
+    (folder / layout.LOG).write_text("2024-01-01 00:00:00,000 train INFO: validate at epoch 2, top1=50.00000, "
                                          "top5=90.00000, loss=1.000000\n")
 
 
@@ -238,7 +238,7 @@ def test_file_in_the_way_of_a_stage_folder(inputs, tmp_path, monkeypatch, capsys
     """The out-root is fine but its gsm_lottery_ticket_exps is a file: the stage folder cannot be made."""
     out_root = tmp_path / "out"
     out_root.mkdir()
-    (out_root / exp_layout.LOTTERY_EXPS).write_text("not a folder")
+    (out_root / layout.LOTTERY_EXPS).write_text("not a folder")
     before = fingerprint(out_root)
     status, out, err = call_script("lenet300", ["60", *LENET_SMOKE, "--out-root", out_root, "--data-root",
                                                 inputs["mnist"]], monkeypatch, capsys)
@@ -449,7 +449,7 @@ def test_damaged_lenet_base(case, results, inputs, monkeypatch, capsys):
     line = assert_one_line_error(status, out, err, "lenet300", 1, problem, fix.format(base=base))
     assert len(line) < 1000
     assert fingerprint(results) == before  # nothing written, removed or touched
-    assert not (results / exp_layout.LOTTERY_EXPS / "lottery_lenet300_compress5_gsm").exists()
+    assert not (results / layout.LOTTERY_EXPS / "lottery_lenet300_compress5_gsm").exists()
 
 
 def test_rc56_base_with_another_models_weights(inputs, monkeypatch, capsys):
@@ -476,8 +476,8 @@ def test_intact_bases_are_accepted(inputs, results, monkeypatch, capsys):
     save_hdf5(build_model("rc56"), rc_base / FINISH)
     save_hdf5(build_model("rc56"), rc_base / INIT)
     before = fingerprint(results)
-    monkeypatch.setattr(gsm.lottery, "gsm_stage", interrupt)
-    monkeypatch.setattr(gsm.rc56, "gsm_stage", interrupt)
+    monkeypatch.setattr(gsm.experiments.lottery, "gsm_stage", interrupt)
+    monkeypatch.setattr(gsm.experiments.rc56, "gsm_stage", interrupt)
     for script, argv in (("lenet300", ["5", *LENET_SMOKE, "--data-root", inputs["mnist"]]),
                          ("rc56", [*RC_SMOKE, "--data-root", inputs["cifar"]])):
         status, _, err = call_script(script, [*argv, "--out-root", results], monkeypatch, capsys)

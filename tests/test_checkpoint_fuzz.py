@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 import dataset
 from base_model import build_model
-from gsm import exp_layout
-from gsm.checkpoint import CheckpointError
-from gsm.experiment_config import TrainConfig
-from gsm.trainer import train_stage
+from gsm.experiments import layout
+from gsm.experiments.checkpoint import CheckpointError
+from gsm.experiments.configs import TrainConfig
+from gsm.experiments.trainer import train_stage
 
 CONFIG = TrainConfig(epochs=2, batch_size=64, lr=0.02, lr_drop_epochs=(), momentum=0.9, weight_decay=5e-4,
                      warmup_epochs=0, nesterov=True, optimizer="gsm", nonzero_ratio=0.1, bias_lr_factor=1.0)
@@ -162,7 +162,7 @@ def test_a_mutated_checkpoint_resumes_exactly_or_is_refused_in_one_line(interrup
     mutation = data.draw(st.sampled_from(MUTATIONS), label="mutation")
     target = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
     shutil.copytree(folder, target)
-    path = target / exp_layout.CHECKPOINT
+    path = target / layout.CHECKPOINT
     state = torch.load(path, weights_only=True)
     meaningful = mutation(state, data.draw)
     torch.save(state, path)
@@ -186,7 +186,7 @@ def test_a_damaged_checkpoint_file_never_crashes_the_resume(interrupted, mnist_t
     folder, _ = interrupted
     target = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
     shutil.copytree(folder, target)
-    path = target / exp_layout.CHECKPOINT
+    path = target / layout.CHECKPOINT
     raw = bytearray(path.read_bytes())
     if data.draw(st.booleans(), label="truncate"):
         raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="length")]
@@ -207,7 +207,7 @@ def test_the_intact_checkpoint_round_trips(interrupted, mnist_tensors, tmp_path)
     resumes exactly has changed nothing that matters)."""
     folder, expected = interrupted
     shutil.copytree(folder, tmp_path / "copy")
-    state = copy.deepcopy(torch.load(tmp_path / "copy" / exp_layout.CHECKPOINT, weights_only=True))
+    state = copy.deepcopy(torch.load(tmp_path / "copy" / layout.CHECKPOINT, weights_only=True))
     assert set(state) == {"model", "optimizer", "next_epoch", "log_size", "stage_config", "torch_rng"}
     outcome, weights = resume(tmp_path / "copy", mnist_tensors)
     assert outcome == "resumed" and all(torch.equal(a, b) for a, b in zip(weights, expected))

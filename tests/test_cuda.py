@@ -9,10 +9,10 @@ import torch
 
 import dataset
 from base_model import build_model
-from gsm.experiment_config import RC_GSM, gsm_config
+from gsm.experiments.configs import RC_GSM, gsm_config
 from gsm.optimizer import GSM
 from gsm.pruning import num_pruned_to, prunable_parameters
-from gsm.trainer import build_optimizer, train_epoch
+from gsm.experiments.trainer import build_optimizer, train_epoch
 from test_rc56 import REPO, write_fake_cifar10
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 
 import dataset
 from base_model import build_model
-from gsm.experiment_config import TrainConfig
-from gsm.multi_gpu import ProcessContext, wrap_model
-from gsm.trainer import train_stage
+from gsm.experiments.configs import TrainConfig
+from gsm.experiments.multi_gpu import ProcessContext, wrap_model
+from gsm.experiments.trainer import train_stage
 from gsm.weights_io import read_hdf5
 
 CONFIG = TrainConfig(epochs=2, batch_size=32, lr=0.05, lr_drop_epochs=(1,), momentum=0.9, weight_decay=5e-4,

@@ -88,8 +88,8 @@ def test_gsm_on_cpu_parameters_flushes_every_thread():
     assert out == "True 0 0"
 
 
-@pytest.mark.parametrize("argv, pipeline", [(["gsm/gsm_lottery_ticket_lenet300.py", "60"], "gsm.lottery.run_lottery"),
-                                            (["gsm/gsm_rc56.py"], "gsm.rc56.run_resnet")])
+@pytest.mark.parametrize("argv, pipeline", [(["gsm/gsm_lottery_ticket_lenet300.py", "60"], "gsm.experiments.lottery.run_lottery"),
+                                            (["gsm/gsm_rc56.py"], "gsm.experiments.rc56.run_resnet")])
 def test_scripts_flush_at_start_up(argv, pipeline):
     # The script's own __main__, with its pipeline replaced by the probe: what the training would start with.
     module, name = pipeline.rsplit(".", 1)

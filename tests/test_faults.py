@@ -24,15 +24,15 @@ import torch
 
 import dataset
 import gsm
-import gsm.trainer as trainer
+import gsm.experiments.trainer as trainer
 from base_model import build_model
 from conftest import write_fake_mnist
 from crafted import MakesFolder
-from gsm import exp_layout
-from gsm.checkpoint import remove_stale_temp_files
-from gsm.experiment_config import TrainConfig
-from gsm.trainer import TrainingDiverged, train_stage
-from base_model import unwrap_model
+from gsm.experiments import layout
+from gsm.experiments.checkpoint import remove_stale_temp_files
+from gsm.experiments.configs import TrainConfig
+from gsm.experiments.trainer import TrainingDiverged, train_stage
+from gsm.wrappers import unwrap_model
 from loader_hooks import BatchHookLoader, nan_images
 from script_runs import call_script, entries, fingerprint, run_script
 
@@ -44,8 +44,8 @@ ARGS = ["5", "--scale", "0.01", "--device", "cpu", "--no-progress"]
 FOLDERS = {"base": "lottery_lenet300_base", "gsm": "lottery_lenet300_compress5_gsm",
            "gsm_retrain": "lottery_lenet300_compress5_gsm_retrain",
            "magnitude_retrain": "lottery_lenet300_compress5_magnitude_retrain"}
-INIT, FINISH, PRUNED = exp_layout.INIT_WEIGHTS, exp_layout.FINISH_WEIGHTS, exp_layout.PRUNED_WEIGHTS
-CONFIG, LOG, CHECKPOINT = exp_layout.STAGE_CONFIG, exp_layout.LOG, exp_layout.CHECKPOINT
+INIT, FINISH, PRUNED = layout.INIT_WEIGHTS, layout.FINISH_WEIGHTS, layout.PRUNED_WEIGHTS
+CONFIG, LOG, CHECKPOINT = layout.STAGE_CONFIG, layout.LOG, layout.CHECKPOINT
 TEMP_NAME = re.compile(r"\.tmp\d+$")
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} train INFO: (.*)$")
 
@@ -129,7 +129,7 @@ class FaultRuns:
 
 
 def exps(out_root: Path) -> Path:
-    return Path(out_root) / exp_layout.LOTTERY_EXPS
+    return Path(out_root) / layout.LOTTERY_EXPS
 
 
 def observe(out_root: Path) -> dict:

@@ -17,9 +17,9 @@ from torch import nn
 import gsm
 from base_model import build_model
 from gsm import GSM
-from gsm.experiment_config import LENET_BASE, RC_BASE
+from gsm.experiments.configs import LENET_BASE, RC_BASE
 from gsm.pruned_io import SPARSE_FORMAT, file_format
-from gsm.trainer import param_groups as trainer_param_groups
+from gsm.experiments.trainer import param_groups as trainer_param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -243,3 +243,13 @@ def test_the_example_prunes_its_own_model(tmp_path):
     assert accuracies[2] > 80.0  # the pruned model still classifies
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.hdf5", "pruned_dense.hdf5", "pruned_sparse.hdf5"]
     assert gsm.mask_count(gsm.load_mask(tmp_path / "mask.hdf5")) == 450
+
+
+def test_the_library_imports_none_of_the_experiments(tmp_path):
+    """`import gsm` is the library alone: none of the experiments, the model zoo, the datasets, matplotlib or
+    TensorBoard comes with it (run from another folder, as a user's program runs)."""
+    code = ("import sys, gsm; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('base_model', 'dataset', 'matplotlib', 'tensorboard', 'tensorflow') or m.startswith('gsm.experiments'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""

@@ -1,4 +1,4 @@
-"""Tests for gsm.pruning: the global magnitude mask (counts of DESIGN 1 and a brute-force version), applying
+"""Tests for gsm.pruning: the global magnitude mask (the counts of docs/design.md, section 1, and a brute-force version), applying
 masks, and sparsity reports."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def seeded_models() -> dict[str, nn.Module]:
     return models
 
 
-# (model, compression ratio, prunable elements, hard-mask count, GSM keep_count Q): DESIGN 1.
+# (model, compression ratio, prunable elements, hard-mask count, GSM keep_count Q): docs/design.md, section 1.
 EXPECTED_COUNTS = [
     ("lenet300", 60, 266200, 4437, 4436),
     ("lenet5", 125, 430500, 3444, 3444),

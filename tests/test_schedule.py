@@ -1,11 +1,11 @@
-"""The per-iteration learning rate (DESIGN 2) and the training recipes, unscaled and scaled."""
+"""The per-iteration learning rate (docs/design.md, section 2) and the training recipes, unscaled and scaled."""
 import dataclasses
 
 import pytest
 
-from gsm.experiment_config import (DEFAULT_RECIPE, LENET_BASE, LENET_GSM, RC_BASE, RC_GSM, RECIPES, TrainConfig,
+from gsm.experiments.configs import (DEFAULT_RECIPE, LENET_BASE, LENET_GSM, RC_BASE, RC_GSM, RECIPES, TrainConfig,
                                    gsm_config)
-from gsm.lr_schedule import learning_rate
+from gsm.experiments.lr_schedule import learning_rate
 
 MNIST_ITERS = 234  # floor(60000 / 256)
 CIFAR_ITERS = 781  # floor(50000 / 64)
@@ -159,7 +159,7 @@ def test_scaled_runs_at_least_one_epoch_and_leaves_the_original_alone():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The recipes of DESIGN 2
+# The recipes of docs/design.md, section 2
 
 
 def test_lenet_base_recipe():

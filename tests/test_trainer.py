@@ -11,9 +11,9 @@ from torch import nn
 import dataset
 import gsm
 from base_model import build_model
-from gsm import exp_layout
-from gsm.experiment_config import LENET_BASE, LENET_GSM, TrainConfig, gsm_config
-from gsm.trainer import StageConfigMismatch, TrainingDiverged, evaluate, param_groups, train_stage
+from gsm.experiments import layout
+from gsm.experiments.configs import LENET_BASE, LENET_GSM, TrainConfig, gsm_config
+from gsm.experiments.trainer import StageConfigMismatch, TrainingDiverged, evaluate, param_groups, train_stage
 from loader_hooks import BatchHookLoader, keyboard_interrupt, nan_images
 from script_runs import entries
 
@@ -199,14 +199,14 @@ def test_train_stage_writes_the_stage_files(mnist_loaders, tmp_path):
     assert train_stage(model, folder, SMALL, train, test, stage_config=STAGE, progress=False) == "trained"
 
     assert entries(folder) == sorted(
-        [exp_layout.INIT_WEIGHTS, exp_layout.FINISH_WEIGHTS, exp_layout.LOG, exp_layout.STAGE_CONFIG])
-    assert not (folder / exp_layout.CHECKPOINT).exists()
-    assert_same_weights(gsm.read_hdf5(folder / exp_layout.INIT_WEIGHTS), start)
-    assert_same_weights(gsm.read_hdf5(folder / exp_layout.FINISH_WEIGHTS), weights(model))
+        [layout.INIT_WEIGHTS, layout.FINISH_WEIGHTS, layout.LOG, layout.STAGE_CONFIG])
+    assert not (folder / layout.CHECKPOINT).exists()
+    assert_same_weights(gsm.read_hdf5(folder / layout.INIT_WEIGHTS), start)
+    assert_same_weights(gsm.read_hdf5(folder / layout.FINISH_WEIGHTS), weights(model))
     assert not torch.equal(weights(model)["linear1.weight"], start["linear1.weight"])
-    assert json.loads((folder / exp_layout.STAGE_CONFIG).read_text()) == STAGE
+    assert json.loads((folder / layout.STAGE_CONFIG).read_text()) == STAGE
 
-    log = folder / exp_layout.LOG
+    log = folder / layout.LOG
     # Every even epoch start (0, 2) and after the last epoch (3), in that order; the numbers are the model's.
     assert [e for e, _ in evaluations(log)] == [0, 2, 3]
     top1, top5, loss = evaluate(model, test)
@@ -224,15 +224,15 @@ def test_finished_stage_is_skipped_and_checked(mnist_loaders, tmp_path):
     folder = tmp_path / "stage"
     trained = fresh_lenet300()
     train_stage(trained, folder, SMALL, train, test, stage_config=STAGE, progress=False)
-    log = folder / exp_layout.LOG
+    log = folder / layout.LOG
     log_bytes, log_mtime = log.read_bytes(), log.stat().st_mtime_ns
-    finish_mtime = (folder / exp_layout.FINISH_WEIGHTS).stat().st_mtime_ns
+    finish_mtime = (folder / layout.FINISH_WEIGHTS).stat().st_mtime_ns
 
     other = fresh_lenet300(seed=1)
     assert train_stage(other, folder, SMALL, train, test, stage_config=STAGE, progress=False) == "skipped"
     assert_same_weights(weights(other), weights(trained))
     assert log.read_bytes() == log_bytes and log.stat().st_mtime_ns == log_mtime
-    assert (folder / exp_layout.FINISH_WEIGHTS).stat().st_mtime_ns == finish_mtime
+    assert (folder / layout.FINISH_WEIGHTS).stat().st_mtime_ns == finish_mtime
 
     changed = {**STAGE, "train": {**STAGE["train"], "lr": 0.1}}
     with pytest.raises(StageConfigMismatch, match=r"differs in: train"):
@@ -269,10 +269,10 @@ def test_resume_after_interrupt_matches_uninterrupted_run(mnist_loaders, tmp_pat
     interrupting = BatchHookLoader(train, 5, keyboard_interrupt, epoch=2)
     with pytest.raises(KeyboardInterrupt):
         train_stage(fresh_lenet300(), b_folder, config, interrupting, test, stage_config=stage, progress=False)
-    checkpoint = torch.load(b_folder / exp_layout.CHECKPOINT, weights_only=True)
+    checkpoint = torch.load(b_folder / layout.CHECKPOINT, weights_only=True)
     assert checkpoint["next_epoch"] == 2
-    assert not (b_folder / exp_layout.FINISH_WEIGHTS).exists()
-    assert [e for e, _ in evaluations(b_folder / exp_layout.LOG)] == [0, 2]  # epoch 2's, logged before the cut
+    assert not (b_folder / layout.FINISH_WEIGHTS).exists()
+    assert [e for e, _ in evaluations(b_folder / layout.LOG)] == [0, 2]  # epoch 2's, logged before the cut
 
     # Another configuration must not pick up this checkpoint.
     with pytest.raises(StageConfigMismatch):
@@ -282,16 +282,16 @@ def test_resume_after_interrupt_matches_uninterrupted_run(mnist_loaders, tmp_pat
     b = fresh_lenet300()
     assert train_stage(b, b_folder, config, train, test, stage_config=stage, progress=False) == "resumed"
     assert_same_weights(weights(b), weights(a))
-    assert_same_weights(gsm.read_hdf5(b_folder / exp_layout.FINISH_WEIGHTS),
-                        gsm.read_hdf5(tmp_path / "A" / exp_layout.FINISH_WEIGHTS))
+    assert_same_weights(gsm.read_hdf5(b_folder / layout.FINISH_WEIGHTS),
+                        gsm.read_hdf5(tmp_path / "A" / layout.FINISH_WEIGHTS))
     # The init is the stage's true start, not the fresh model handed to the resumed call.
-    assert_same_weights(gsm.read_hdf5(b_folder / exp_layout.INIT_WEIGHTS),
-                        gsm.read_hdf5(tmp_path / "A" / exp_layout.INIT_WEIGHTS))
-    assert evaluations(b_folder / exp_layout.LOG) == evaluations(tmp_path / "A" / exp_layout.LOG)
-    assert [e for e, _ in evaluations(b_folder / exp_layout.LOG)] == [0, 2, 4]
-    assert epochs_done(b_folder / exp_layout.LOG) == epochs_done(tmp_path / "A" / exp_layout.LOG)
-    assert (b_folder / exp_layout.LOG).read_text().count("resumed from checkpoint.pt at epoch 2") == 1
-    assert not (b_folder / exp_layout.CHECKPOINT).exists()
+    assert_same_weights(gsm.read_hdf5(b_folder / layout.INIT_WEIGHTS),
+                        gsm.read_hdf5(tmp_path / "A" / layout.INIT_WEIGHTS))
+    assert evaluations(b_folder / layout.LOG) == evaluations(tmp_path / "A" / layout.LOG)
+    assert [e for e, _ in evaluations(b_folder / layout.LOG)] == [0, 2, 4]
+    assert epochs_done(b_folder / layout.LOG) == epochs_done(tmp_path / "A" / layout.LOG)
+    assert (b_folder / layout.LOG).read_text().count("resumed from checkpoint.pt at epoch 2") == 1
+    assert not (b_folder / layout.CHECKPOINT).exists()
 
 
 def test_interrupt_before_the_first_checkpoint_starts_over_without_doubled_lines(mnist_loaders, tmp_path):
@@ -300,26 +300,26 @@ def test_interrupt_before_the_first_checkpoint_starts_over_without_doubled_lines
     with pytest.raises(KeyboardInterrupt):
         interrupting = BatchHookLoader(train, 4, keyboard_interrupt, epoch=0)
         train_stage(fresh_lenet300(), folder, SMALL, interrupting, test, stage_config=STAGE, progress=False)
-    assert not (folder / exp_layout.CHECKPOINT).exists()
+    assert not (folder / layout.CHECKPOINT).exists()
     model = fresh_lenet300()
     assert train_stage(model, folder, SMALL, train, test, stage_config=STAGE, progress=False) == "trained"
     clean = fresh_lenet300()
     train_stage(clean, tmp_path / "clean", SMALL, train, test, stage_config=STAGE, progress=False)
     assert_same_weights(weights(model), weights(clean))
-    assert evaluations(folder / exp_layout.LOG) == evaluations(tmp_path / "clean" / exp_layout.LOG)
-    assert [e for e, _ in evaluations(folder / exp_layout.LOG)] == [0, 2, 3]
-    assert (folder / exp_layout.LOG).read_text().count("start training") == 1
+    assert evaluations(folder / layout.LOG) == evaluations(tmp_path / "clean" / layout.LOG)
+    assert [e for e, _ in evaluations(folder / layout.LOG)] == [0, 2, 3]
+    assert (folder / layout.LOG).read_text().count("start training") == 1
 
 
 def test_interrupt_after_the_last_checkpoint_finishes_without_training(mnist_loaders, tmp_path, monkeypatch):
     """Stopped after the last epoch's checkpoint but before finish.hdf5: the rerun only evaluates and saves."""
-    import gsm.trainer as trainer
+    import gsm.experiments.trainer as trainer
     train, test = mnist_loaders
     folder = tmp_path / "stage"
     original_save = trainer.save_hdf5
 
     def save_unless_finish(model, path):
-        if Path(path).name == exp_layout.FINISH_WEIGHTS:
+        if Path(path).name == layout.FINISH_WEIGHTS:
             raise KeyboardInterrupt
         original_save(model, path)
 
@@ -328,14 +328,14 @@ def test_interrupt_after_the_last_checkpoint_finishes_without_training(mnist_loa
     with pytest.raises(KeyboardInterrupt):
         train_stage(interrupted, folder, SMALL, train, test, stage_config=STAGE, progress=False)
     monkeypatch.setattr(trainer, "save_hdf5", original_save)
-    assert torch.load(folder / exp_layout.CHECKPOINT, weights_only=True)["next_epoch"] == SMALL.num_epochs
+    assert torch.load(folder / layout.CHECKPOINT, weights_only=True)["next_epoch"] == SMALL.num_epochs
 
     resumed = fresh_lenet300(seed=5)
     assert train_stage(resumed, folder, SMALL, train, test, stage_config=STAGE, progress=False) == "resumed"
     assert_same_weights(weights(resumed), weights(interrupted))
-    assert_same_weights(gsm.read_hdf5(folder / exp_layout.FINISH_WEIGHTS), weights(interrupted))
-    assert [e for e, _ in evaluations(folder / exp_layout.LOG)] == [0, 2, 3]
-    assert len(epochs_done(folder / exp_layout.LOG)) == 3
+    assert_same_weights(gsm.read_hdf5(folder / layout.FINISH_WEIGHTS), weights(interrupted))
+    assert [e for e, _ in evaluations(folder / layout.LOG)] == [0, 2, 3]
+    assert len(epochs_done(folder / layout.LOG)) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,8 +348,8 @@ def test_nan_loss_names_epoch_and_iteration_and_keeps_last_checkpoint(mnist_load
     poisoned = BatchHookLoader(train, 3, nan_images, epoch=1)
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at epoch 1, iteration 3 \(global iteration 11\)"):
         train_stage(fresh_lenet300(), folder, SMALL, poisoned, test, stage_config=STAGE, progress=False)
-    assert not (folder / exp_layout.FINISH_WEIGHTS).exists()
-    checkpoint = torch.load(folder / exp_layout.CHECKPOINT, weights_only=True)
+    assert not (folder / layout.FINISH_WEIGHTS).exists()
+    checkpoint = torch.load(folder / layout.CHECKPOINT, weights_only=True)
     assert checkpoint["next_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
@@ -359,7 +359,7 @@ def test_nan_loss_names_epoch_and_iteration_and_keeps_last_checkpoint(mnist_load
     clean = fresh_lenet300()
     train_stage(clean, tmp_path / "clean", SMALL, train, test, stage_config=STAGE, progress=False)
     assert_same_weights(weights(resumed), weights(clean))
-    assert [e for e, _ in evaluations(folder / exp_layout.LOG)] == [0, 2, 3]
+    assert [e for e, _ in evaluations(folder / layout.LOG)] == [0, 2, 3]
 
 
 def test_huge_learning_rate_diverges(mnist_loaders, tmp_path):
@@ -369,9 +369,9 @@ def test_huge_learning_rate_diverges(mnist_loaders, tmp_path):
     with pytest.raises(TrainingDiverged,
                        match=r"non-finite (loss at epoch 0, iteration [1-7] |weights after epoch 0)"):
         train_stage(fresh_lenet300(), folder, config, train, test, stage_config={"lr": 1e10}, progress=False)
-    assert not (folder / exp_layout.FINISH_WEIGHTS).exists()
-    assert not (folder / exp_layout.CHECKPOINT).exists()  # no epoch was good
-    assert (folder / exp_layout.INIT_WEIGHTS).exists()
+    assert not (folder / layout.FINISH_WEIGHTS).exists()
+    assert not (folder / layout.CHECKPOINT).exists()  # no epoch was good
+    assert (folder / layout.INIT_WEIGHTS).exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def test_grad_mask_keeps_pruned_weights_at_zero(mnist_loaders, tmp_path):
     start = weights(model)
     train_stage(model, tmp_path / "stage", SMALL, train, test, stage_config=STAGE, grad_mask=mask,
                 progress=False)
-    finish = gsm.read_hdf5(tmp_path / "stage" / exp_layout.FINISH_WEIGHTS)
+    finish = gsm.read_hdf5(tmp_path / "stage" / layout.FINISH_WEIGHTS)
     for name, keep in mask.items():
         trained = torch.from_numpy(finish[name])
         assert torch.count_nonzero(trained[~keep]) == 0, name
@@ -407,11 +407,11 @@ def test_same_seed_gives_bitwise_equal_runs(mnist_tensors, tmp_path):
         train = dataset.DeviceLoader(images, labels, 64, train=True, seed=data_seed, **common)
         test = dataset.DeviceLoader(test_images, test_labels, 1000, train=False, **common)
         train_stage(fresh_lenet300(), folder, SMALL, train, test, stage_config=STAGE, progress=False)
-        return gsm.read_hdf5(folder / exp_layout.FINISH_WEIGHTS)
+        return gsm.read_hdf5(folder / layout.FINISH_WEIGHTS)
 
     first, second = run(tmp_path / "1", 0), run(tmp_path / "2", 0)
     assert_same_weights(first, second)
-    assert evaluations(tmp_path / "1" / exp_layout.LOG) == evaluations(tmp_path / "2" / exp_layout.LOG)
+    assert evaluations(tmp_path / "1" / layout.LOG) == evaluations(tmp_path / "2" / layout.LOG)
     other = run(tmp_path / "3", 1)  # another data order: the runs differ, so the check above has teeth
     assert not torch.equal(torch.from_numpy(other["linear1.weight"]), torch.from_numpy(first["linear1.weight"]))
 

@@ -1,4 +1,4 @@
-"""Tests for gsm.weights_io: the hdf5 weights format of DESIGN 3, load errors, and atomic writes."""
+"""Tests for gsm.weights_io: the hdf5 weights format (docs/design.md, section 3), load errors, and atomic writes."""
 from __future__ import annotations
 
 import os
@@ -54,7 +54,7 @@ def test_round_trip(tmp_path, name):
     assert list(arrays) == list(state)
     fresh = build_model(name)
     assert not torch.equal(fresh.state_dict()[next(iter(state))], state[next(iter(state))])
-    assert load_hdf5(fresh, path) is fresh
+    assert load_hdf5(path, fresh) is fresh
     loaded = fresh.state_dict()
     for key, value in state.items():
         assert loaded[key].dtype == value.dtype, key
@@ -76,7 +76,7 @@ def test_channels_last_weights_are_stored_in_the_logical_layout(tmp_path):
     for key, array in plain_arrays.items():
         assert np.array_equal(fast_arrays[key], array), key
     target = build_model("lenet5").to(memory_format=torch.channels_last)
-    load_hdf5(target, tmp_path / "plain.hdf5")
+    load_hdf5(tmp_path / "plain.hdf5", target)
     assert target.stem.conv2.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(target.stem.conv2.weight, model.stem.conv2.weight)
 
@@ -112,29 +112,26 @@ def lenet5_arrays() -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in build_model("lenet5").state_dict().items()}
 
 
-def test_load_reports_missing_key(tmp_path):
+def drop(key):
+    return lambda arrays: arrays.pop(key)
+
+
+def put(key, value):
+    return lambda arrays: arrays.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (drop("linear1.bias"), r"missing keys: linear1\.bias"),
+    (put("linear3.weight", np.zeros((3, 3), dtype=np.float32)), r"unexpected keys: linear3\.weight"),
+    (put("linear2.weight", np.zeros((10, 400), dtype=np.float32)),
+     r"mis-shaped keys: linear2\.weight \(file \(10, 400\), model \(10, 500\)\)"),
+], ids=["missing", "unexpected", "misshaped"])
+def test_load_reports_a_key_that_does_not_fit(tmp_path, damage, message):
     arrays = lenet5_arrays()
-    del arrays["linear1.bias"]
+    damage(arrays)
     write_raw(tmp_path / "w.hdf5", arrays)
-    with pytest.raises(WeightsFileError, match=r"missing keys: linear1\.bias"):
-        load_hdf5(build_model("lenet5"), tmp_path / "w.hdf5")
-
-
-def test_load_reports_unexpected_key(tmp_path):
-    arrays = lenet5_arrays()
-    arrays["linear3.weight"] = np.zeros((3, 3), dtype=np.float32)
-    write_raw(tmp_path / "w.hdf5", arrays)
-    with pytest.raises(WeightsFileError, match=r"unexpected keys: linear3\.weight"):
-        load_hdf5(build_model("lenet5"), tmp_path / "w.hdf5")
-
-
-def test_load_reports_misshaped_key(tmp_path):
-    arrays = lenet5_arrays()
-    arrays["linear2.weight"] = np.zeros((10, 400), dtype=np.float32)
-    write_raw(tmp_path / "w.hdf5", arrays)
-    with pytest.raises(WeightsFileError, match=r"mis-shaped keys: linear2\.weight \(file \(10, 400\), "
-                                               r"model \(10, 500\)\)"):
-        load_hdf5(build_model("lenet5"), tmp_path / "w.hdf5")
+    with pytest.raises(WeightsFileError, match=message):
+        load_hdf5(tmp_path / "w.hdf5", build_model("lenet5"))
 
 
 def test_load_reports_every_problem_and_changes_nothing(tmp_path):
@@ -147,7 +144,7 @@ def test_load_reports_every_problem_and_changes_nothing(tmp_path):
     model = build_model("lenet5")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(WeightsFileError) as info:
-        load_hdf5(model, tmp_path / "w.hdf5")
+        load_hdf5(tmp_path / "w.hdf5", model)
     message = str(info.value)
     for name in ["stem.conv1.weight", "linear2.bias", "extra.weight", "stem.conv2.bias"]:
         assert name in message
@@ -175,7 +172,7 @@ def test_unreadable_files_raise_weights_file_error(tmp_path):
         assert str(path) in str(info.value)
         assert isinstance(info.value, ValueError)
         with pytest.raises(WeightsFileError):
-            load_hdf5(build_model("lenet300"), path)
+            load_hdf5(path, build_model("lenet300"))
 
 
 def crash_on_call(original, n: int):
@@ -204,7 +201,7 @@ def test_crash_during_save_leaves_existing_file_intact(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["finish.hdf5"]  # no temporary file left behind
     monkeypatch.undo()
     model = build_model("lenet5")
-    load_hdf5(model, path)
+    load_hdf5(path, model)
     assert torch.equal(model.linear1.bias, trained_looking("lenet5", seed=1).linear1.bias)
 
 
@@ -271,7 +268,7 @@ def test_malformed_weights_file_is_refused(tmp_path, case):
     name, target, params, pattern = WEIGHTS_REFUSED[case]
     path, verdict = cases.damaged(tmp_path, "weights", name, target, **params)
     assert cases.check_outcome("weights", path, verdict) == "refused/refused"  # the model is left unchanged
-    for read in (read_hdf5, lambda p: load_hdf5(cases.tiny_model(1), p)):
+    for read in (read_hdf5, lambda p: load_hdf5(p, cases.tiny_model(1))):
         with pytest.raises(WeightsFileError) as info:
             read(path)
         message = str(info.value)
@@ -287,7 +284,7 @@ def test_num_batches_tracked_takes_integers_only(tmp_path, dtype, fits):
     if not fits:
         with pytest.raises(WeightsFileError, match=rf"mis-typed keys: 1\.num_batches_tracked \(file "
                                                    rf"{np.dtype(dtype)}, model torch\.int64\)"):
-            load_hdf5(cases.tiny_model(1), path)
+            load_hdf5(path, cases.tiny_model(1))
 
 
 def test_integers_out_of_an_integer_buffers_range_are_refused(tmp_path):
@@ -296,10 +293,10 @@ def test_integers_out_of_an_integer_buffers_range_are_refused(tmp_path):
     save_hdf5({"codes": torch.tensor([1, 300, 2])}, tmp_path / "w.hdf5")
     with pytest.raises(WeightsFileError, match=r"'codes' holds values from 1 to 300, outside the range of the "
                                                r"model's torch\.uint8"):
-        load_hdf5(model, tmp_path / "w.hdf5")
+        load_hdf5(tmp_path / "w.hdf5", model)
     assert model.codes.tolist() == [0, 0, 0]
     save_hdf5({"codes": torch.tensor([1, 255, 2])}, tmp_path / "w.hdf5")
-    assert load_hdf5(model, tmp_path / "w.hdf5").codes.tolist() == [1, 255, 2]
+    assert load_hdf5(tmp_path / "w.hdf5", model).codes.tolist() == [1, 255, 2]
 
 
 @pytest.mark.parametrize("name, target, params", [
@@ -325,7 +322,7 @@ def test_the_model_is_checked_before_any_data_is_read(tmp_path, monkeypatch, kin
     monkeypatch.setattr(h5py.Dataset, "read_direct", no_reading)
     with pytest.raises(WeightsFileError, match=r"mis-shaped keys: 0\.bias \(file \(1, 3\), model \(3,\)\)"):
         if kind == "weights":
-            load_hdf5(cases.tiny_model(1), path)
+            load_hdf5(path, cases.tiny_model(1))
         else:
             gsm.load_sparse(path, cases.tiny_model(1))
 
@@ -338,3 +335,14 @@ def test_messages_stay_on_one_line(tmp_path):
         read_hdf5(path)
     assert str(info.value) == f"{path}: 'line one line two' holds |S4 data; a weights file holds only numeric arrays"
     assert WeightsFileError("a\nb\r\nc").args == ("a b c",)
+
+
+def test_the_old_argument_order_still_loads_with_a_deprecation_warning(tmp_path):
+    """Every loader takes the path first (load_hdf5(path, model), load_sparse(path, model), load_mask(path));
+    load_hdf5(model, path), the order of earlier versions, still works for a while."""
+    model = build_model("lenet300")
+    save_hdf5(model, tmp_path / "w.hdf5")
+    fresh = build_model("lenet300")
+    with pytest.warns(DeprecationWarning, match=r"call load_hdf5\(path, model\)"):
+        assert load_hdf5(fresh, tmp_path / "w.hdf5") is fresh
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

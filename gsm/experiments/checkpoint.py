@@ -1,40 +1,24 @@
 """Atomic resume checkpoints: everything needed to continue a training stage in one file."""
 import os
 import pickle
-import re
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+
+from gsm.atomic_write import TEMP_NAME, write_atomic
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not belong to the current run."""
 
 
-def _write_atomic(path: Path, write: Callable[[IO], None], mode: str) -> None:
-    """Write a file through `write(f)` under a temporary name, fsync it, then rename: the previous file stays
-    intact until the new one is complete (also when the disk fills up during the write)."""
-    tmp_path = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp_path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     """Write `state` atomically: the previous checkpoint stays intact until the new one is complete."""
-    _write_atomic(path, lambda f: torch.save(state, f), "wb")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file atomically: a crash leaves the old file or the new one, never a part of it."""
-    _write_atomic(path, lambda f: f.write(text), "w")
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as f:
+            torch.save(state, f)
+    write_atomic(path, write)
 
 
 def load_checkpoint(path: Path, map_location: Optional[torch.device] = None) -> Optional[Dict[str, Any]]:
@@ -57,10 +41,6 @@ def load_checkpoint(path: Path, map_location: Optional[torch.device] = None) -> 
                               f"delete it to restart this stage from its beginning") from exc
 
 
-# `<name>.tmp<pid>`: the temporary name under which save_checkpoint and weights_io.save_hdf5 write.
-_TEMP_NAME = re.compile(r"\.tmp(\d+)$")
-
-
 def remove_stale_temp_files(folder: Path) -> List[Path]:
     """Delete the temporary files `<name>.tmp<pid>` in `folder` whose writing process no longer runs.
 
@@ -72,7 +52,7 @@ def remove_stale_temp_files(folder: Path) -> List[Path]:
     if not folder.is_dir():
         return removed
     for path in sorted(folder.iterdir()):
-        match = _TEMP_NAME.search(path.name)
+        match = TEMP_NAME.search(path.name)
         if match and path.is_file() and not _process_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)

@@ -10,7 +10,7 @@ import torch
 
 from base_model import build_model
 from gsm.denormals import flush_denormals
-from gsm.experiment_config import RunOptions
+from gsm.experiments.configs import RunOptions
 from gsm.pruning import prunable_parameters
 from gsm.selection import keep_count
 
@@ -51,7 +51,7 @@ def default_device() -> str:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The options of every experiment script (DESIGN 4)."""
+    """The options of every experiment script."""
     parser.add_argument("--scale", type=positive_float, default=1.0,
                         help="multiply every epoch count, lr boundary and warmup by this (a smoke run: 0.01)")
     parser.add_argument("--device", default=default_device(),
@@ -90,9 +90,9 @@ def check_writable(folder: str, parser: argparse.ArgumentParser) -> None:
 def run_main(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
     """Run a script's main, reporting the errors a user can cause in one line on stderr (exit 1)."""
     from dataset import DatasetError
-    from gsm.checkpoint import CheckpointError
-    from gsm.folder_lock import FolderBusy
-    from gsm.trainer import StageConfigMismatch, TrainingDiverged
+    from gsm.experiments.checkpoint import CheckpointError
+    from gsm.experiments.folder_lock import FolderBusy
+    from gsm.experiments.trainer import StageConfigMismatch, TrainingDiverged
     from gsm.weights_io import WeightsFileError
 
     prog = os.path.basename(sys.argv[0]) or "gsm"
@@ -128,8 +128,8 @@ def describe_os_error(exc: OSError) -> str:
 
 def lottery_main(net: str, title: str, paper_ratios: str, argv: Optional[List[str]] = None) -> int:
     """The lottery-ticket scripts' command line: parse, check, and run the pipeline for network `net`."""
-    from gsm.experiment_config import DEFAULT_RECIPE, RECIPES
-    from gsm.lottery import LotteryConfig, run_lottery
+    from gsm.experiments.configs import DEFAULT_RECIPE, RECIPES
+    from gsm.experiments.lottery import LotteryConfig, run_lottery
 
     parser = argparse.ArgumentParser(
         description=f"Train {title} on MNIST (the base, shared by every ratio), find a ticket by GSM and one by "

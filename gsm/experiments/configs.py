@@ -1,6 +1,7 @@
-"""Training configurations: the released code's hyperparameters (DESIGN 2) as dataclasses."""
+"""Training configurations: the released code's hyperparameters (docs/design.md, section 2) as dataclasses, and
+the record that identifies each stage of an experiment."""
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 RECIPES = ("paper", "released")
 DEFAULT_RECIPE = "paper"
@@ -46,7 +47,7 @@ class TrainConfig:
 # LeNet-300-100 and LeNet-5 on MNIST.
 LENET_BASE = TrainConfig(epochs=200, batch_size=256, lr=3e-2, lr_drop_epochs=(40, 80, 120, 160), momentum=0.9,
                          weight_decay=5e-4, warmup_epochs=5, bias_lr_factor=2.0)
-# The two recipes of the LeNet GSM stage (DESIGN 2). `paper`: the first released version's schedule (lr 3e-2, drops
+# The two recipes of the LeNet GSM stage (docs/design.md, section 2). `paper`: the first released version's schedule (lr 3e-2, drops
 # at epochs 160 and 200, 240 epochs, no warmup) with momentum 0.99 and the final version's Nesterov momentum (the
 # first version itself used plain momentum); it drives the passive weights to zero fast enough for a nearly
 # lossless hard prune. `released`: the released code's final version.
@@ -69,9 +70,21 @@ def gsm_config(base: TrainConfig, compression_ratio: float) -> TrainConfig:
     return replace(base, nonzero_ratio=1.0 / compression_ratio)
 
 
+def stage_config(stage: str, model: str, seed: int, train: TrainConfig, *, base: Optional[TrainConfig] = None,
+                 **extra: Any) -> Dict[str, Any]:
+    """What identifies a stage of an experiment (JSON-able; its folder's config.json): the stage's kind, the
+    network, the seed, its training configuration, the base stage's (for the stages that start from it), and
+    `extra` entries (a TrainConfig among them as its dict). A folder holding another is not reused."""
+    record: Dict[str, Any] = {"stage": stage, "model": model, "seed": seed, "train": train.to_dict()}
+    if base is not None:
+        record["base"] = base.to_dict()
+    record.update({key: value.to_dict() if isinstance(value, TrainConfig) else value for key, value in extra.items()})
+    return record
+
+
 @dataclass(frozen=True)
 class RunOptions:
-    """Options every experiment script takes (DESIGN 4)."""
+    """Options every experiment script takes."""
     scale: float = 1.0
     device: str = "cpu"
     seed: int = 0

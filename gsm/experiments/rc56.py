@@ -6,12 +6,12 @@ import torch
 
 import dataset
 from base_model import MODEL_DATASETS, build_model, trains_channels_last
-from gsm import exp_layout
-from gsm.experiment_config import RC_BASE, RC_GSM, RunOptions, gsm_config
-from gsm.folder_lock import FolderBusy, lock_or_fail, shared_folder
-from gsm.multi_gpu import barrier, init_process, rank0_flag, shutdown, wrap_model
-from gsm.pipeline import gsm_stage
-from gsm.trainer import train_stage
+from gsm.experiments import layout
+from gsm.experiments.configs import RC_BASE, RC_GSM, RunOptions, gsm_config, stage_config
+from gsm.experiments.folder_lock import FolderBusy, lock_or_fail, shared_folder
+from gsm.experiments.multi_gpu import barrier, init_process, rank0_flag, shutdown, wrap_model
+from gsm.experiments.pipeline import gsm_stage
+from gsm.experiments.trainer import train_stage
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,8 @@ def _run(config: ResNetConfig, context) -> Dict[str, str]:
     train_loader, test_loader = dataset.build_loaders(
         MODEL_DATASETS[config.arch], base_config.batch_size, device, seed=opts.seed,
         root=opts.data_root or None, rank=context.rank, world_size=context.world_size, channels_last=channels_last)
-    folders = {"base": exp_layout.rc_base_dir(opts.out_root, config.arch),
-               "gsm": exp_layout.rc_gsm_dir(opts.out_root, config.arch, config.ratio)}
-    common = {"model": config.arch, "seed": opts.seed}
+    folders = {"base": layout.rc_base_dir(opts.out_root, config.arch),
+               "gsm": layout.rc_gsm_dir(opts.out_root, config.arch, config.ratio)}
 
     # One run per folder: the GSM folder is this run's alone, the base is shared by every ratio (waited for).
     # Only rank 0 locks; the other ranks learn whether it could.
@@ -71,10 +70,10 @@ def _run(config: ResNetConfig, context) -> Dict[str, str]:
         with shared_folder(folders["base"], enabled=context.is_writer):
             barrier()  # the other ranks wait here while rank 0 waits for the lock
             train_stage(model, folders["base"], base_config, train_loader, test_loader,
-                        stage_config={"stage": "base", **common, "train": base_config.to_dict()}, **stage_options)
+                        stage_config=stage_config("base", config.arch, opts.seed, base_config), **stage_options)
         gsm_stage(model, folders["gsm"], gsm_train_config, train_loader, test_loader,
-                  stage_config={"stage": "gsm", **common, "base": base_config.to_dict(),
-                                "train": gsm_train_config.to_dict()}, **stage_options)
+                  stage_config=stage_config("gsm", config.arch, opts.seed, gsm_train_config, base=base_config),
+                  **stage_options)
     finally:
         if own_lock is not None:
             own_lock.release()

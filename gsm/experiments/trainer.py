@@ -2,6 +2,7 @@
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -10,17 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from base_model import unwrap_model
-from gsm import exp_layout
-from gsm.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint,
-                            write_text_atomic)
-from gsm.experiment_config import TrainConfig
-from gsm.lr_schedule import learning_rate
-from gsm.multi_gpu import all_reduce_mean, barrier
+from gsm.atomic_write import write_text_atomic
+from gsm.experiments import layout
+from gsm.experiments.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from gsm.experiments.configs import TrainConfig
+from gsm.experiments.lr_schedule import learning_rate
+from gsm.experiments.multi_gpu import all_reduce_mean, barrier
+from gsm.experiments.train_log import StageEvents, StageLog, format_evaluation
 from gsm.optimizer import GSM
 from gsm.param_groups import param_groups as public_param_groups
-from gsm.train_log import StageEvents, StageLog, format_evaluation
 from gsm.weights_io import WeightsFileError, load_hdf5, save_hdf5
+from gsm.wrappers import unwrap_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,13 +93,13 @@ def load_stage_weights(model: nn.Module, folder: Path, file_name: str) -> None:
     """Load `folder/file_name` (a stage's init.hdf5 or finish.hdf5) into `model`; a file that cannot be read
     or does not fit is reported in one line that says how to recover."""
     try:
-        load_hdf5(model, Path(folder) / file_name)
+        load_hdf5(Path(folder) / file_name, model)
     except WeightsFileError as exc:
         raise WeightsFileError(f"{exc}; restore that file, or delete {folder} to train this stage again") from exc
 
 
 def _check_config(folder: Path, stage_config: Dict[str, Any], what: str) -> None:
-    path = folder / exp_layout.STAGE_CONFIG
+    path = folder / layout.STAGE_CONFIG
     if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
@@ -149,93 +150,118 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
     Returns 'skipped', 'resumed' or 'trained'.
     """
     folder = Path(folder)
-    finish_path = folder / exp_layout.FINISH_WEIGHTS
-    checkpoint_path = folder / exp_layout.CHECKPOINT
-    if finish_path.exists():
-        _check_config(folder, stage_config, "finished stage")
-        load_stage_weights(model, folder, exp_layout.FINISH_WEIGHTS)
-        if writer:
-            # A run killed between writing finish.hdf5 and removing the checkpoint left both.
-            checkpoint_path.unlink(missing_ok=True)
-            remove_stale_temp_files(folder)
-        return "skipped"
+    if (folder / layout.FINISH_WEIGHTS).exists():
+        return _skip_finished(model, folder, stage_config, writer)
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(folder)  # left by a run killed while writing a checkpoint or weights
-    log = StageLog(folder / exp_layout.LOG if writer else None, echo=writer)
-    device = next(model.parameters()).device
-    optimizer = build_optimizer(model, config)
-    checkpoint = load_checkpoint(checkpoint_path, map_location=device)
-    if checkpoint is not None:
-        if not isinstance(checkpoint, dict) or checkpoint.get("stage_config") != stage_config:
-            raise StageConfigMismatch(
-                f"{checkpoint_path} belongs to a run with another configuration; rerun with the same options, "
-                f"use another --out-root, or delete {folder} to start this stage again")
-        start_epoch, log_size = _restore(checkpoint, checkpoint_path, model, optimizer)
-        log.truncate(log_size)
-        log.info(f"resumed from {exp_layout.CHECKPOINT} at epoch {start_epoch}")
-        outcome = "resumed"
-    else:
-        if writer:
-            write_text_atomic(folder / exp_layout.STAGE_CONFIG, json.dumps(stage_config, indent=1, sort_keys=True))
-            save_hdf5(model, folder / exp_layout.INIT_WEIGHTS)
-        # A run stopped before its first checkpoint starts over: drop its lines, as a resume drops those
-        # after its checkpoint, so that no evaluation is logged twice.
-        log.truncate(0)
-        log.info(f"start training: {json.dumps(stage_config, sort_keys=True)}")
-        start_epoch = 0
-        outcome = "trained"
-
-    iters_per_epoch = len(train_loader)
-    if iters_per_epoch == 0:
+    if len(train_loader) == 0:
         raise ValueError(f"the training set is smaller than one batch of {config.batch_size}")
-    warmup_iters = config.warmup_iters(iters_per_epoch)
-    drop_iters = config.drop_iters(iters_per_epoch)
-
-    def lr_at(iteration: int) -> float:
-        return learning_rate(iteration, config.lr, warmup_iters, drop_iters)
-
+    stage = _Stage(model, build_optimizer(model, config), folder, config, stage_config, writer, len(train_loader),
+                   StageLog(folder / layout.LOG if writer else None, echo=writer))
+    start_epoch, outcome = _start_or_resume(stage)
+    stage.events = StageEvents(folder if writer else None, purge_step=start_epoch)
     mask_pairs = _mask_list(model, grad_mask)
-    num_epochs = config.num_epochs
-    events = StageEvents(folder if writer else None, purge_step=start_epoch)
-
-    def evaluation(epoch: int) -> None:
-        top1, top5, loss = evaluate(model, test_loader)
-        log.info(format_evaluation(epoch, top1, top5, loss))
-        events.scalars(epoch, test__top1=top1, test__top5=top5, test__loss=loss)
-
-    for epoch in range(start_epoch, num_epochs):
+    for epoch in range(start_epoch, config.num_epochs):
         if epoch % 2 == 0:
-            evaluation(epoch)
+            stage.evaluate(epoch, test_loader)
         started = time.perf_counter()
-        with tqdm(total=iters_per_epoch, desc=f"{folder.name} {epoch + 1}/{num_epochs}", leave=False,
+        with tqdm(total=stage.iters_per_epoch, desc=f"{folder.name} {epoch + 1}/{config.num_epochs}", leave=False,
                   disable=not (progress and writer) or None, dynamic_ncols=True) as bar:
-            losses = train_epoch(model, optimizer, train_loader, epoch, lr_at, amp=amp, grad_mask=mask_pairs,
-                                 bar=bar)
-        losses = all_reduce_mean(losses)  # every rank sees the same losses, so all stop together
-        _check_finite(model, losses, epoch, iters_per_epoch, checkpoint_path)
-        seconds = time.perf_counter() - started
-        images_seen = iters_per_epoch * config.batch_size
-        lr = lr_at((epoch + 1) * iters_per_epoch - 1)
-        mean_loss = float(losses.mean())
-        log.info(f"epoch {epoch} done: mean loss {mean_loss:.6f}, lr {lr:.6g}, "
-                 f"{seconds:.2f} s, {images_seen / seconds:.0f} images/s")
-        events.scalars(epoch, train__loss=mean_loss, train__lr=lr, train__seconds=seconds)
-        if isinstance(optimizer, GSM) and writer:  # the epoch's last step; one readout per epoch
-            threshold = optimizer.last_threshold
-            events.scalars(epoch, gsm__active=optimizer.num_active,
-                           gsm__threshold=float(threshold) if threshold is not None else 0.0)
-        if writer:
-            save_checkpoint({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                             "next_epoch": epoch + 1, "log_size": log.size(), "stage_config": stage_config,
-                             "torch_rng": torch.get_rng_state()}, checkpoint_path)
-    evaluation(num_epochs)
-    events.close()
+            losses = train_epoch(model, stage.optimizer, train_loader, epoch, stage.lr_at, amp=amp,
+                                 grad_mask=mask_pairs, bar=bar)
+        _end_epoch(stage, epoch, losses, time.perf_counter() - started)
+    stage.evaluate(config.num_epochs, test_loader)
+    stage.events.close()
     if writer:
-        save_hdf5(model, finish_path)
-        checkpoint_path.unlink(missing_ok=True)
+        save_hdf5(model, folder / layout.FINISH_WEIGHTS)
+        stage.checkpoint_path.unlink(missing_ok=True)
     barrier()
     return outcome
+
+
+@dataclass
+class _Stage:
+    """What the parts of one stage's training share."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    folder: Path
+    config: TrainConfig
+    stage_config: Dict[str, Any]
+    writer: bool
+    iters_per_epoch: int
+    log: StageLog
+    events: Optional[StageEvents] = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.folder / layout.CHECKPOINT
+
+    def lr_at(self, iteration: int) -> float:
+        """The scheduled lr of a global iteration (before each group's `lr_factor`)."""
+        return learning_rate(iteration, self.config.lr, self.config.warmup_iters(self.iters_per_epoch),
+                             self.config.drop_iters(self.iters_per_epoch))
+
+    def evaluate(self, epoch: int, test_loader) -> None:
+        top1, top5, loss = evaluate(self.model, test_loader)
+        self.log.info(format_evaluation(epoch, top1, top5, loss))
+        self.events.scalars(epoch, test__top1=top1, test__top5=top5, test__loss=loss)
+
+
+def _skip_finished(model: nn.Module, folder: Path, stage_config: Dict[str, Any], writer: bool) -> str:
+    """A finished stage: check that it is this run's, load its finish.hdf5, tidy the folder."""
+    _check_config(folder, stage_config, "finished stage")
+    load_stage_weights(model, folder, layout.FINISH_WEIGHTS)
+    if writer:
+        # A run killed between writing finish.hdf5 and removing the checkpoint left both.
+        (folder / layout.CHECKPOINT).unlink(missing_ok=True)
+        remove_stale_temp_files(folder)
+    return "skipped"
+
+
+def _start_or_resume(stage: _Stage) -> Tuple[int, str]:
+    """Resume from the folder's checkpoint (the log cut back to it), or start the stage (its configuration and
+    init.hdf5 written); returns (the first epoch to train, 'resumed' or 'trained')."""
+    checkpoint = load_checkpoint(stage.checkpoint_path, map_location=next(stage.model.parameters()).device)
+    if checkpoint is not None:
+        if not isinstance(checkpoint, dict) or checkpoint.get("stage_config") != stage.stage_config:
+            raise StageConfigMismatch(
+                f"{stage.checkpoint_path} belongs to a run with another configuration; rerun with the same "
+                f"options, use another --out-root, or delete {stage.folder} to start this stage again")
+        start_epoch, log_size = _restore(checkpoint, stage.checkpoint_path, stage.model, stage.optimizer)
+        stage.log.truncate(log_size)
+        stage.log.info(f"resumed from {layout.CHECKPOINT} at epoch {start_epoch}")
+        return start_epoch, "resumed"
+    if stage.writer:
+        write_text_atomic(stage.folder / layout.STAGE_CONFIG,
+                          json.dumps(stage.stage_config, indent=1, sort_keys=True))
+        save_hdf5(stage.model, stage.folder / layout.INIT_WEIGHTS)
+    # A run stopped before its first checkpoint starts over: drop its lines, as a resume drops those after its
+    # checkpoint, so that no evaluation is logged twice.
+    stage.log.truncate(0)
+    stage.log.info(f"start training: {json.dumps(stage.stage_config, sort_keys=True)}")
+    return 0, "trained"
+
+
+def _end_epoch(stage: _Stage, epoch: int, losses: Tensor, seconds: float) -> None:
+    """After an epoch: stop on non-finite losses or weights, log and record the epoch, save the checkpoint."""
+    losses = all_reduce_mean(losses)  # every rank sees the same losses, so all stop together
+    _check_finite(stage.model, losses, epoch, stage.iters_per_epoch, stage.checkpoint_path)
+    lr = stage.lr_at((epoch + 1) * stage.iters_per_epoch - 1)
+    mean_loss = float(losses.mean())
+    images_seen = stage.iters_per_epoch * stage.config.batch_size
+    stage.log.info(f"epoch {epoch} done: mean loss {mean_loss:.6f}, lr {lr:.6g}, "
+                   f"{seconds:.2f} s, {images_seen / seconds:.0f} images/s")
+    stage.events.scalars(epoch, train__loss=mean_loss, train__lr=lr, train__seconds=seconds)
+    if not stage.writer:
+        return
+    if isinstance(stage.optimizer, GSM):  # the epoch's last step; one readout per epoch
+        threshold = stage.optimizer.last_threshold
+        stage.events.scalars(epoch, gsm__active=stage.optimizer.num_active,
+                             gsm__threshold=float(threshold) if threshold is not None else 0.0)
+    save_checkpoint({"model": unwrap_model(stage.model).state_dict(), "optimizer": stage.optimizer.state_dict(),
+                     "next_epoch": epoch + 1, "log_size": stage.log.size(), "stage_config": stage.stage_config,
+                     "torch_rng": torch.get_rng_state()}, stage.checkpoint_path)
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoch: int,
