@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from gsm.plots import plot_path, pyplot
+from gsm.experiments import layout
+from gsm.experiments.plots import plot_path, pyplot
+from gsm.experiments.train_log import PruneResult
 
-# The experiment families, in the order their rows are printed (DESIGN 3).
-EXPERIMENT_DIRS = ("gsm_exps", "gsm_lottery_ticket_exps")
-LOG_NAME = "log.txt"
+# The experiment families, in the order their rows are printed.
+EXPERIMENT_DIRS = (layout.GSM_EXPS, layout.LOTTERY_EXPS)
+LOG_NAME = layout.LOG
 LAST_EVALUATIONS = 10
 
 _FLOAT = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
@@ -25,31 +27,7 @@ _EVALUATION_RE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ INFO: "
     rf"validate at epoch (\d+), top1=({_FLOAT}), top5=({_FLOAT}), loss=({_FLOAT})\s*$"
 )
-
-
-# The GSM stage's line for its hard-pruned model (gsm/pipeline.py):
-# `... INFO: hard-pruned model: kept <k> of <N> prunable weights (Q = <q>, compression <c>x); before pruning ...;
-#  top1=<%.5f>, top5=<%.5f>, loss=<%.6f>`
-_PRUNED_RE = re.compile(
-    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ INFO: hard-pruned model: kept (\d+) of (\d+) prunable weights.*"
-    rf"top1=({_FLOAT}), top5=({_FLOAT}), loss=({_FLOAT})\s*$"
-)
 PRUNED_SUFFIX = "_pruned"
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """The hard-pruned model of a GSM stage: its one evaluation, and how many prunable weights it keeps."""
-
-    top1: float
-    top5: float
-    loss: float
-    kept: int
-    prunable: int
-
-    @property
-    def compression(self) -> float:
-        return self.prunable / self.kept if self.kept else math.inf
 
 
 @dataclass(frozen=True)
@@ -73,9 +51,8 @@ class Summary:
     last_epoch: int | None
 
 
-def read_log(path: Path | str) -> tuple[list[Evaluation], Pruned | None]:
-    """The evaluations of a log in file order, and its hard-pruned model's line (None without one, as in a
-    log written before that line existed); every other line is ignored.
+def parse_log(path: Path | str) -> list[Evaluation]:
+    """The evaluations of a log in file order; every other line is ignored.
 
     A last line without its newline is ignored too: each record is written with its newline at once, so an
     unterminated line is a record cut short by a crash (or one being written right now), and its numbers may be
@@ -84,24 +61,13 @@ def read_log(path: Path | str) -> tuple[list[Evaluation], Pruned | None]:
     with open(path, encoding="utf-8", errors="replace") as log:
         text = log.read()
     # Universal newlines turned \r\n and \r into \n; the piece after the last \n is unterminated.
-    complete_lines = text.split("\n")[:-1]
-    evaluations, pruned = [], None
-    for line in complete_lines:
+    evaluations = []
+    for line in text.split("\n")[:-1]:
         match = _EVALUATION_RE.match(line)
         if match is not None:
             epoch, top1, top5, loss = match.groups()
             evaluations.append(Evaluation(int(epoch), float(top1), float(top5), float(loss)))
-            continue
-        match = _PRUNED_RE.match(line)
-        if match is not None:
-            kept, prunable, top1, top5, loss = match.groups()
-            pruned = Pruned(float(top1), float(top5), float(loss), int(kept), int(prunable))
-    return evaluations, pruned
-
-
-def parse_log(path: Path | str) -> list[Evaluation]:
-    """The evaluations of a log in file order (see `read_log`)."""
-    return read_log(path)[0]
+    return evaluations
 
 
 def summarize(evaluations: Sequence[Evaluation], last: int = LAST_EVALUATIONS) -> Summary:
@@ -148,7 +114,7 @@ class Experiment:
 
     name: str
     evaluations: list[Evaluation]
-    pruned: Pruned | None
+    pruned: PruneResult | None
 
 
 def read_experiments(root: Path) -> list[Experiment]:
@@ -156,10 +122,11 @@ def read_experiments(root: Path) -> list[Experiment]:
     experiments = []
     for log_path in find_logs(root):
         try:
-            evaluations, pruned = read_log(log_path)
+            evaluations = parse_log(log_path)
         except OSError as error:
             print(f"warning: skipping {log_path}: {error.strerror or error}", file=sys.stderr)
             continue
+        pruned = PruneResult.load(log_path.parent / layout.PRUNED_RESULT)
         experiments.append(Experiment(experiment_name(log_path.parent.name), evaluations, pruned))
     return experiments
 

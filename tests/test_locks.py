@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import write_fake_mnist
-from gsm import exp_layout
-from gsm.checkpoint import write_text_atomic
-from gsm.folder_lock import FolderLock, lock_or_fail, FolderBusy
-from gsm.train_log import StageLog
+from gsm.experiments import layout
+from gsm.atomic_write import write_text_atomic
+from gsm.experiments.folder_lock import FolderLock, lock_or_fail, FolderBusy
+from gsm.experiments.train_log import StageLog
 from script_runs import REPO_ROOT, SCRIPTS, script_env
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="folder locks are POSIX flock")
@@ -33,7 +33,7 @@ def data_root(tmp_path_factory) -> Path:
 
 def hold_lock(folder: Path, seconds: float) -> subprocess.Popen:
     """Another process that takes `folder`'s lock, says so on stdout, holds it `seconds`, then exits."""
-    code = ("import sys, time; from gsm.folder_lock import FolderLock; lock = FolderLock(sys.argv[1]); "
+    code = ("import sys, time; from gsm.experiments.folder_lock import FolderLock; lock = FolderLock(sys.argv[1]); "
             "assert lock.try_acquire(); print('locked', flush=True); time.sleep(float(sys.argv[2]))")
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder), str(seconds)], stdout=subprocess.PIPE,
                               text=True, env=script_env())
@@ -53,7 +53,7 @@ def run_lenet300(out_root: Path, data_root: Path, cwd: Path, ratio: str = "5") -
 
 def test_a_run_whose_own_folder_is_in_use_exits_at_once(data_root, tmp_path):
     out = tmp_path / "out"
-    holder = hold_lock(out / exp_layout.LOTTERY_EXPS / OWN_GSM, 120)
+    holder = hold_lock(out / layout.LOTTERY_EXPS / OWN_GSM, 120)
     try:
         started = time.perf_counter()
         result = run_lenet300(out, data_root, tmp_path)
@@ -65,13 +65,13 @@ def test_a_run_whose_own_folder_is_in_use_exits_at_once(data_root, tmp_path):
     assert len(lines) == 1 and OWN_GSM in lines[0] and f"pid {holder.pid}" in lines[0], lines
     assert elapsed < 60
     # Nothing was written: the run stopped before its first stage.
-    assert not [p for p in (out / exp_layout.LOTTERY_EXPS).iterdir() if not p.name.startswith(".")]
+    assert not [p for p in (out / layout.LOTTERY_EXPS).iterdir() if not p.name.startswith(".")]
 
 
 def test_a_shared_base_is_waited_for_then_used(data_root, tmp_path):
     out = tmp_path / "out"
     hold_s = 6.0
-    holder = hold_lock(out / exp_layout.LOTTERY_EXPS / BASE, hold_s)
+    holder = hold_lock(out / layout.LOTTERY_EXPS / BASE, hold_s)
     started = time.perf_counter()
     result = run_lenet300(out, data_root, tmp_path)
     elapsed = time.perf_counter() - started
@@ -80,12 +80,12 @@ def test_a_shared_base_is_waited_for_then_used(data_root, tmp_path):
     waiting = [line for line in result.stderr.splitlines() if line.startswith("waiting for")]
     assert len(waiting) == 1 and BASE in waiting[0] and f"pid {holder.pid}" in waiting[0]
     assert elapsed > hold_s - 1  # it did wait
-    assert (out / exp_layout.LOTTERY_EXPS / BASE / exp_layout.FINISH_WEIGHTS).exists()
+    assert (out / layout.LOTTERY_EXPS / BASE / layout.FINISH_WEIGHTS).exists()
 
 
 def test_a_killed_run_never_blocks_the_next(data_root, tmp_path):
     out = tmp_path / "out"
-    holder = hold_lock(out / exp_layout.LOTTERY_EXPS / OWN_GSM, 120)
+    holder = hold_lock(out / layout.LOTTERY_EXPS / OWN_GSM, 120)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     result = run_lenet300(out, data_root, tmp_path)
@@ -99,7 +99,7 @@ def test_two_runs_started_together_train_each_stage_once(data_root, tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen(lenet300_command(out, data_root), cwd=tmp_path, env=script_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lock_file = out / exp_layout.LOTTERY_EXPS / ".locks" / f"{BASE}.lock"
+    lock_file = out / layout.LOTTERY_EXPS / ".locks" / f"{BASE}.lock"
     deadline = time.time() + 60
     while not (lock_file.exists() and lock_file.read_text().strip() == str(first.pid)) and time.time() < deadline:
         time.sleep(0.02)
@@ -108,9 +108,9 @@ def test_two_runs_started_together_train_each_stage_once(data_root, tmp_path):
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert same.returncode == 1 and OWN_GSM in same.stderr
     assert other_ratio.returncode == 0, other_ratio.stderr
-    base_log = (out / exp_layout.LOTTERY_EXPS / BASE / exp_layout.LOG).read_text()
+    base_log = (out / layout.LOTTERY_EXPS / BASE / layout.LOG).read_text()
     assert base_log.count("start training") == 1
-    for log in (out / exp_layout.LOTTERY_EXPS).glob("*/log.txt"):
+    for log in (out / layout.LOTTERY_EXPS).glob("*/log.txt"):
         lines = log.read_text().splitlines()
         assert len(lines) == len(set(lines)), f"{log}: doubled lines"
 
@@ -140,7 +140,7 @@ def test_torchrun_ranks_all_stop_when_rank_0_cannot_lock(tmp_path):
 
     data = write_fake_cifar10(tmp_path / "data")
     out = tmp_path / "out"
-    holder = hold_lock(exp_layout.rc_gsm_dir(out, "rc20", 10), 120)
+    holder = hold_lock(layout.rc_gsm_dir(out, "rc20", 10), 120)
     try:
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -168,26 +168,32 @@ def test_log_lines_are_whole_after_a_partial_write(tmp_path):
     assert lines[-1] == "" and [line.split("INFO: ")[1] for line in lines[:-1]] == ["first", "second"]
 
 
-def test_a_partial_hard_prune_line_is_written_again(tmp_path, mnist_loaders):
-    """The GSM stage counts the hard prune as logged only on a whole line: a line cut short is replaced."""
+def test_the_hard_prune_is_done_when_its_result_file_is_there(tmp_path, mnist_loaders):
+    """The GSM stage's result is data (finish_pruned.json), not a sentence searched for in the log: with it and
+    finish_pruned.hdf5 in place the stage is done, whatever the log holds; without it the prune is evaluated
+    and recorded again, with the same numbers (the prune is deterministic)."""
     import torch
     from base_model import build_model
-    from gsm.experiment_config import LENET_GSM, gsm_config
-    from gsm.pipeline import HARD_PRUNE_MARKER, gsm_stage
+    from gsm.experiments.configs import LENET_GSM, gsm_config
+    from gsm.experiments.pipeline import HARD_PRUNE_MARKER, gsm_stage
+    from gsm.experiments.train_log import PruneResult
 
     train, test = mnist_loaders
     config = gsm_config(LENET_GSM["paper"], 5).scaled(0.004)  # one epoch
     folder = tmp_path / "gsm"
     torch.manual_seed(0)
     gsm_stage(build_model("lenet300"), folder, config, train, test, stage_config={"t": 1}, progress=False)
-    log_path = folder / exp_layout.LOG
+    log_path, result_path = folder / layout.LOG, folder / layout.PRUNED_RESULT
+    result = PruneResult.load(result_path)
     whole = log_path.read_text()
-    assert whole.count(HARD_PRUNE_MARKER) == 1
-    log_path.write_text(whole[: whole.index(HARD_PRUNE_MARKER) + 20])  # cut inside the line
+    assert whole.count(HARD_PRUNE_MARKER) == 1 and f"top1={result.top1:.5f}" in whole.splitlines()[-1]
+    assert result.prunable == 266200 and result.keep_count <= result.kept <= result.keep_count + 1
+    log_path.write_text(whole[: whole.index(HARD_PRUNE_MARKER)])  # the log says nothing of the prune now
     gsm_stage(build_model("lenet300"), folder, config, train, test, stage_config={"t": 1}, progress=False)
-    again = log_path.read_text()
-    assert again.count(HARD_PRUNE_MARKER) == 1 and again.endswith("\n")
-    assert again.splitlines()[-1].split("INFO: ")[1] == whole.splitlines()[-1].split("INFO: ")[1]
+    assert HARD_PRUNE_MARKER not in log_path.read_text() and PruneResult.load(result_path) == result
+    result_path.unlink()
+    gsm_stage(build_model("lenet300"), folder, config, train, test, stage_config={"t": 1}, progress=False)
+    assert PruneResult.load(result_path) == result and log_path.read_text().count(HARD_PRUNE_MARKER) == 1
 
 
 def test_config_write_is_atomic(tmp_path, monkeypatch):

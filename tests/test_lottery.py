@@ -17,19 +17,21 @@ import pytest
 import torch
 
 import gsm
-import gsm.lottery
-import gsm.pipeline
-from gsm import GSM, exp_layout
-from gsm.cli import run_main
-from gsm.experiment_config import RunOptions
-from gsm.lottery import LotteryConfig, run_lottery
+import gsm.experiments.lottery
+import gsm.experiments.pipeline
+from gsm import GSM
+from gsm.experiments import layout
+from gsm.experiments.cli import run_main
+from gsm.experiments.configs import RunOptions
+from gsm.experiments.lottery import LotteryConfig, run_lottery
+from gsm.experiments.train_log import PruneResult
 from script_runs import entries
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {net: REPO_ROOT / "gsm" / f"gsm_lottery_ticket_{net}.py" for net in ("lenet300", "lenet5")}
 SHOW_LOG = REPO_ROOT / "show_log.py"
 SMOKE = ["--scale", "0.01", "--device", "cpu", "--no-progress"]
-# (net, ratio) -> (weights kept by the hard prune, prunable weights): DESIGN 1 and 3. At x5 the LeNet-300-100
+# (net, ratio) -> (weights kept by the hard prune, prunable weights): docs/design.md, sections 1 and 3. At x5 the LeNet-300-100
 # ticket keeps weights in every layer, so its retrain is a live network (at x60 on a barely trained base the
 # global magnitude mask keeps nothing of linear1 and the retrain cannot move any weight).
 EXPECTED = {("lenet300", 60): (4437, 266200), ("lenet5", 125): (3444, 430500), ("lenet300", 5): (53240, 266200)}
@@ -53,7 +55,7 @@ def run_script(net: str, args: list, cwd: Path, **env: str) -> subprocess.Comple
 
 
 def exps(out_root: Path) -> Path:
-    return out_root / exp_layout.LOTTERY_EXPS
+    return out_root / layout.LOTTERY_EXPS
 
 
 def folder_names(net: str, ratio: int, recipe: str = "") -> dict:
@@ -89,27 +91,27 @@ def check_lottery_folders(out_root: Path, net: str, ratio: int, recipe: str = ""
     kept, total = EXPECTED[net, ratio]
     names = folder_names(net, ratio, recipe)
     folders = {kind: exps(out_root) / name for kind, name in names.items()}
-    stage_files = {exp_layout.INIT_WEIGHTS, exp_layout.FINISH_WEIGHTS, exp_layout.LOG, exp_layout.STAGE_CONFIG}
+    stage_files = {layout.INIT_WEIGHTS, layout.FINISH_WEIGHTS, layout.LOG, layout.STAGE_CONFIG}
     for kind, folder in folders.items():
-        expected_files = stage_files | ({exp_layout.PRUNED_WEIGHTS} if kind == "gsm" else {exp_layout.MASK}
-                                        if kind.endswith("retrain") else set())
+        expected_files = stage_files | ({layout.PRUNED_WEIGHTS, layout.PRUNED_RESULT} if kind == "gsm" else
+                                        {layout.MASK} if kind.endswith("retrain") else set())
         assert set(entries(folder)) == expected_files, folder  # no checkpoint or temp file left
 
     # The base and the retrains run 2 epochs (200 x 0.01): evaluations at epochs 0 and 2.
     for kind, folder in folders.items():
         epochs = gsm_epochs if kind == "gsm" else (0, 2)
-        assert [e for e, _ in evaluations(folder / exp_layout.LOG)] == list(epochs), folder
+        assert [e for e, _ in evaluations(folder / layout.LOG)] == list(epochs), folder
 
-    base_init = tensors(folders["base"] / exp_layout.INIT_WEIGHTS)
-    base_finish = tensors(folders["base"] / exp_layout.FINISH_WEIGHTS)
+    base_init = tensors(folders["base"] / layout.INIT_WEIGHTS)
+    base_finish = tensors(folders["base"] / layout.FINISH_WEIGHTS)
     prunable = [k for k, v in base_init.items() if v.dim() > 1]
     assert sum(base_init[k].numel() for k in prunable) == total
 
     # GSM starts from the base result; the pruned model is the global magnitude prune of its result.
-    assert_same_file_arrays(folders["gsm"] / exp_layout.INIT_WEIGHTS, folders["base"] / exp_layout.FINISH_WEIGHTS)
-    gsm_finish = tensors(folders["gsm"] / exp_layout.FINISH_WEIGHTS)
-    pruned = tensors(folders["gsm"] / exp_layout.PRUNED_WEIGHTS)
-    report = gsm.sparsity_report(gsm.read_hdf5(folders["gsm"] / exp_layout.PRUNED_WEIGHTS))
+    assert_same_file_arrays(folders["gsm"] / layout.INIT_WEIGHTS, folders["base"] / layout.FINISH_WEIGHTS)
+    gsm_finish = tensors(folders["gsm"] / layout.FINISH_WEIGHTS)
+    pruned = tensors(folders["gsm"] / layout.PRUNED_WEIGHTS)
+    report = gsm.sparsity_report(gsm.read_hdf5(folders["gsm"] / layout.PRUNED_WEIGHTS))
     assert (report.nonzeros, report.elements) == (kept, total)
     gsm_mask = {k: pruned[k] != 0 for k in prunable}
     assert gsm.mask_count(gsm_mask) == kept
@@ -117,15 +119,18 @@ def check_lottery_folders(out_root: Path, net: str, ratio: int, recipe: str = ""
     assert all(torch.equal(hard_mask[k], gsm_mask[k]) for k in prunable)
     for k, v in pruned.items():
         assert torch.equal(v, gsm_finish[k] * gsm_mask[k] if k in gsm_mask else gsm_finish[k]), k
-    gsm_log = (folders["gsm"] / exp_layout.LOG).read_text()
+    gsm_log = (folders["gsm"] / layout.LOG).read_text()
     assert gsm_log.count(f"hard-pruned model: kept {kept} of {total} prunable weights") == 1
+    result = PruneResult.load(folders["gsm"] / layout.PRUNED_RESULT)  # the same, as data
+    assert (result.kept, result.prunable, result.keep_count) == (kept, total, int(1.0 / ratio * total))
+    assert f"top1={result.top1:.5f}, top5={result.top5:.5f}, loss={result.loss:.6f}" in gsm_log
 
     # Tickets: the base init times each mask; retraining keeps every pruned weight at exactly zero.
     magnitude_mask = gsm.global_magnitude_mask(base_finish, 1.0 / ratio)
     assert gsm.mask_count(magnitude_mask) == kept
     for kind, mask in (("gsm_retrain", gsm_mask), ("magnitude_retrain", magnitude_mask)):
-        ticket = tensors(folders[kind] / exp_layout.INIT_WEIGHTS)
-        finish = tensors(folders[kind] / exp_layout.FINISH_WEIGHTS)
+        ticket = tensors(folders[kind] / layout.INIT_WEIGHTS)
+        finish = tensors(folders[kind] / layout.FINISH_WEIGHTS)
         assert ticket.keys() == base_init.keys()
         for k, v in ticket.items():
             if k in mask:
@@ -135,7 +140,7 @@ def check_lottery_folders(out_root: Path, net: str, ratio: int, recipe: str = ""
             else:
                 assert torch.equal(v, base_init[k]), (kind, k)  # biases are not masked
         assert sum(int(torch.count_nonzero(ticket[k])) for k in prunable) == kept
-        saved = gsm.load_mask(folders[kind] / exp_layout.MASK)  # the ticket's mask, kept beside it
+        saved = gsm.load_mask(folders[kind] / layout.MASK)  # the ticket's mask, kept beside it
         assert saved.keys() == mask.keys() and all(torch.equal(saved[k], mask[k]) for k in mask), kind
     return folders
 
@@ -161,8 +166,8 @@ def test_lenet300_lottery_end_to_end(lenet300_run):
     assert entries(exps(out_root)) == sorted(folder_names("lenet300", 60).values())
     folders = check_lottery_folders(out_root, "lenet300", 60)
     # The GSM run trains: its result differs from the base it started from.
-    assert not np.array_equal(gsm.read_hdf5(folders["gsm"] / exp_layout.FINISH_WEIGHTS)["linear1.weight"],
-                              gsm.read_hdf5(folders["base"] / exp_layout.FINISH_WEIGHTS)["linear1.weight"])
+    assert not np.array_equal(gsm.read_hdf5(folders["gsm"] / layout.FINISH_WEIGHTS)["linear1.weight"],
+                              gsm.read_hdf5(folders["base"] / layout.FINISH_WEIGHTS)["linear1.weight"])
 
 
 def test_lenet300_second_run_trains_nothing(lenet300_run, mnist_root):
@@ -197,8 +202,8 @@ def test_released_recipe_has_its_own_gsm_folders(lenet300_run, tmp_path, mnist_r
         assert snapshot(exps(out_root) / folder_names("lenet300", 60)[kind]) == files, kind
     # The released recipe runs 3 GSM epochs (280 x 0.01 = 2.8): evaluations at 0, 2 and 3.
     folders = check_lottery_folders(out_root, "lenet300", 60, recipe="released", gsm_epochs=(0, 2, 3))
-    assert '"recipe": "released"' in (folders["gsm"] / exp_layout.STAGE_CONFIG).read_text()
-    assert '"epochs": 280' in (folders["gsm"] / exp_layout.STAGE_CONFIG).read_text()
+    assert '"recipe": "released"' in (folders["gsm"] / layout.STAGE_CONFIG).read_text()
+    assert '"epochs": 280' in (folders["gsm"] / layout.STAGE_CONFIG).read_text()
 
 
 def test_show_log_lists_the_experiments(lenet300_run):
@@ -218,7 +223,7 @@ def test_show_log_lists_the_experiments(lenet300_run):
             assert "n=2" in row.split() and "last_epoch=2" in row.split(), row
     # The base row's top1 is the mean of its log's two evaluations.
     base_top1 = [float(re.search(r"top1=(\S+),", line).group(1))
-                 for _, line in evaluations(exps(out_root) / names["base"] / exp_layout.LOG)]
+                 for _, line in evaluations(exps(out_root) / names["base"] / layout.LOG)]
     base_row = dict(field.split("=") for field in rows[0].split()[1:])
     assert float(base_row["top1"]) == pytest.approx(sum(base_top1) / 2, abs=5e-4)
 
@@ -234,7 +239,7 @@ def test_lenet5_lottery_end_to_end(tmp_path, mnist_root, monkeypatch, capsys, si
     out_root = tmp_path / "out"
     monkeypatch.setenv("MNIST_PATH", str(mnist_root))
     layouts = []  # every stage trains LeNet-5 in channels_last, on its images in that layout
-    original_train_stage = gsm.pipeline.train_stage
+    original_train_stage = gsm.experiments.pipeline.train_stage
 
     def recording_train_stage(model, folder, config, train_loader, *args, **kwargs):
         images, _ = next(iter(train_loader))
@@ -242,7 +247,7 @@ def test_lenet5_lottery_end_to_end(tmp_path, mnist_root, monkeypatch, capsys, si
                         train_loader.channels_last, images.is_contiguous(memory_format=torch.channels_last)))
         return original_train_stage(model, folder, config, train_loader, *args, **kwargs)
 
-    for module in (gsm.lottery, gsm.pipeline):
+    for module in (gsm.experiments.lottery, gsm.experiments.pipeline):
         monkeypatch.setattr(module, "train_stage", recording_train_stage)
     status, out, err = call_script("lenet5", ["125", *SMOKE, "--out-root", out_root], monkeypatch, capsys)
     assert status == 0, err
@@ -442,32 +447,32 @@ def test_interrupted_gsm_stage_resumes_to_the_uninterrupted_result(tmp_path, mni
 
     names = folder_names("lenet300", 5)
     gsm_folder = exps(resumed_root) / names["gsm"]
-    assert torch.load(gsm_folder / exp_layout.CHECKPOINT, weights_only=True)["next_epoch"] == 1
-    assert not (gsm_folder / exp_layout.FINISH_WEIGHTS).exists()
+    assert torch.load(gsm_folder / layout.CHECKPOINT, weights_only=True)["next_epoch"] == 1
+    assert not (gsm_folder / layout.FINISH_WEIGHTS).exists()
     assert entries(exps(resumed_root)) == [names["base"], names["gsm"]]
     base_files = snapshot(exps(resumed_root) / names["base"])
 
     resumed = run_lottery(_config(resumed_root, mnist_root))
     assert set(resumed[5.0]) == set(clean[5.0]) == {"base", "gsm", "gsm_retrain", "magnitude_retrain"}
     assert snapshot(exps(resumed_root) / names["base"]) == base_files  # the base was not retrained
-    gsm_log = (gsm_folder / exp_layout.LOG).read_text()
+    gsm_log = (gsm_folder / layout.LOG).read_text()
     assert gsm_log.count("resumed from checkpoint.pt at epoch 1") == 1
     for kind, name in names.items():
-        files = [exp_layout.INIT_WEIGHTS, exp_layout.FINISH_WEIGHTS] + (
-            [exp_layout.PRUNED_WEIGHTS] if kind == "gsm" else [])
+        files = [layout.INIT_WEIGHTS, layout.FINISH_WEIGHTS] + (
+            [layout.PRUNED_WEIGHTS] if kind == "gsm" else [])
         for file_name in files:
             assert_same_file_arrays(exps(resumed_root) / name / file_name, exps(clean_root) / name / file_name)
-        assert evaluations(exps(resumed_root) / name / exp_layout.LOG) == \
-            evaluations(exps(clean_root) / name / exp_layout.LOG), kind
+        assert evaluations(exps(resumed_root) / name / layout.LOG) == \
+            evaluations(exps(clean_root) / name / layout.LOG), kind
     folders = check_lottery_folders(resumed_root, "lenet300", 5)
     # The tickets are live: retraining moves their kept weights and lowers the test loss, so the zeros checked
     # above were held by the gradient mask, not by a dead network.
     for kind in ("gsm_retrain", "magnitude_retrain"):
-        ticket = gsm.read_hdf5(folders[kind] / exp_layout.INIT_WEIGHTS)["linear1.weight"]
-        finish = gsm.read_hdf5(folders[kind] / exp_layout.FINISH_WEIGHTS)["linear1.weight"]
+        ticket = gsm.read_hdf5(folders[kind] / layout.INIT_WEIGHTS)["linear1.weight"]
+        finish = gsm.read_hdf5(folders[kind] / layout.FINISH_WEIGHTS)["linear1.weight"]
         kept = ticket != 0
         assert kept.sum() > 1000 and (finish[kept] != ticket[kept]).mean() > 0.99, kind
-        losses = [float(line.rsplit("loss=", 1)[1]) for _, line in evaluations(folders[kind] / exp_layout.LOG)]
+        losses = [float(line.rsplit("loss=", 1)[1]) for _, line in evaluations(folders[kind] / layout.LOG)]
         assert losses[-1] < losses[0], (kind, losses)
 
 

@@ -42,8 +42,8 @@ def test_rc56_smoke_run_writes_base_gsm_and_a_10x_pruned_model(tmp_path):
     assert result.returncode == 0, result.stderr
     base, gsm_dir = out / "gsm_exps" / "rc56_base_train", out / "gsm_exps" / "rc56_gsm"
     assert entries(base) == ["config.json", "finish.hdf5", "init.hdf5", "log.txt"]
-    assert entries(gsm_dir) == ["config.json", "finish.hdf5", "finish_pruned.hdf5",
-                                                         "init.hdf5", "log.txt"]
+    assert entries(gsm_dir) == ["config.json", "finish.hdf5", "finish_pruned.hdf5", "finish_pruned.json",
+                                "init.hdf5", "log.txt"]
     # GSM starts from the base result, BatchNorm buffers included.
     base_finish, gsm_init = read_hdf5(base / "finish.hdf5"), read_hdf5(gsm_dir / "init.hdf5")
     assert base_finish.keys() == gsm_init.keys()

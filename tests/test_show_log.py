@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import show_log
+from gsm.experiments.train_log import PruneResult
 from show_log import Evaluation, Summary, experiment_name, main, parse_log, summarize
 
 SCRIPT = Path(__file__).resolve().parents[1] / "show_log.py"
@@ -18,7 +19,7 @@ STAMP = "2026-11-26 21:03:04,123 train INFO: "
 
 
 def eval_line(epoch: int, top1: float, top5: float, loss: float) -> str:
-    """A `validate at epoch` record exactly as the trainer logs it (DESIGN 3)."""
+    """A `validate at epoch` record exactly as the trainer logs it (docs/design.md, section 3)."""
     return f"{STAMP}validate at epoch {epoch}, top1={top1:.5f}, top5={top5:.5f}, loss={loss:.6f}\n"
 
 
@@ -285,12 +286,11 @@ def test_script_runs_from_the_command_line(experiments: Path) -> None:
 
 # ---- hard-pruned rows, several roots, plots ---------------------------------------------------------------
 
-def pruned_line(kept: int, prunable: int, top1: float, top5: float = 99.9, loss: float = 0.06) -> str:
-    """The GSM stage's hard-prune record exactly as gsm/pipeline.py logs it."""
-    q = kept - 1
-    return (f"{STAMP}hard-pruned model: kept {kept} of {prunable} prunable weights (Q = {q}, compression "
-            f"{prunable / kept:.2f}x); before pruning {kept + 400} weights had |w| > 0.01 ({(kept + 400) / q:.3f} x Q); "
-            f"top1={top1:.5f}, top5={top5:.5f}, loss={loss:.6f}\n")
+def write_pruned(folder: Path, kept: int, prunable: int, top1: float, top5: float = 99.9, loss: float = 0.06) -> None:
+    """A GSM stage's hard-prune result, written as gsm/experiments/pipeline.py writes it (the log line is for
+    people; show_log reads the file)."""
+    PruneResult(top1=top1, top5=top5, loss=loss, kept=kept, prunable=prunable, keep_count=kept - 1, alive=kept + 400,
+                alive_magnitude=0.01).save(folder / "finish_pruned.json")
 
 
 def lottery_root(root: Path, ratios: dict[int, tuple[float, float, float]], shift: float = 0.0) -> Path:
@@ -301,7 +301,8 @@ def lottery_root(root: Path, ratios: dict[int, tuple[float, float, float]], shif
     for ratio, (pruned, gsm_ticket, magnitude) in ratios.items():
         prefix = lottery / f"lottery_lenet300_compress{ratio}"
         kept = 266200 // ratio + 1
-        write_log(Path(f"{prefix}_gsm") / "log.txt", log_of(ramp(12)) + pruned_line(kept, 266200, pruned + shift))
+        write_log(Path(f"{prefix}_gsm") / "log.txt", log_of(ramp(12)))
+        write_pruned(Path(f"{prefix}_gsm"), kept, 266200, pruned + shift)
         for kind, value in (("gsm_retrain", gsm_ticket), ("magnitude_retrain", magnitude)):
             write_log(Path(f"{prefix}_{kind}") / "log.txt",
                       log_of([Evaluation(2 * i, value + shift, 99.0, 0.1) for i in range(10)]))
@@ -310,9 +311,11 @@ def lottery_root(root: Path, ratios: dict[int, tuple[float, float, float]], shif
 
 def test_hard_pruned_rows_and_grep(tmp_path: Path, capsys) -> None:
     root = lottery_root(tmp_path, {60: (98.28, 98.09, 96.58)})
-    # A log cut short inside its prune line (no newline): no pruned row for it.
-    write_log(root / "gsm_lottery_ticket_exps" / "lottery_lenet300_compress30_gsm" / "log.txt",
-              log_of(ramp(3)) + pruned_line(8874, 266200, 98.0)[:-40])
+    # A stage whose result file is unreadable (cut short): no pruned row for it.
+    folder = root / "gsm_lottery_ticket_exps" / "lottery_lenet300_compress30_gsm"
+    write_log(folder / "log.txt", log_of(ramp(3)))
+    write_pruned(folder, 8874, 266200, 98.0)
+    (folder / "finish_pruned.json").write_text((folder / "finish_pruned.json").read_text()[:-40])
     assert main([str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [tokens(line)["name"] for line in lines]

@@ -1,4 +1,4 @@
-"""Every folder and file name an experiment writes, in one place (DESIGN 3)."""
+"""Every folder and file name an experiment writes, in one place (docs/design.md, section 3)."""
 import os
 from pathlib import Path
 
@@ -8,6 +8,7 @@ LOTTERY_EXPS = "gsm_lottery_ticket_exps"
 INIT_WEIGHTS = "init.hdf5"  # the weights a training stage started from (for a retrain: the ticket)
 FINISH_WEIGHTS = "finish.hdf5"  # the weights at the end of training
 PRUNED_WEIGHTS = "finish_pruned.hdf5"  # a GSM stage's hard-pruned model
+PRUNED_RESULT = "finish_pruned.json"  # its evaluation and counts (gsm.experiments.train_log.PruneResult)
 MASK = "mask.hdf5"  # a retrain's ticket mask, {parameter name: bool} (gsm.save_mask)
 LOG = "log.txt"
 CHECKPOINT = "checkpoint.pt"  # resume state, removed once the stage has finished

@@ -1,12 +1,17 @@
-"""A stage folder's records: `log.txt`, appended lines `<asctime> train INFO: <message>` (DESIGN 3), and the
-TensorBoard scalars (event files in the folder, as the released code wrote them)."""
+"""A stage folder's records: `log.txt`, appended lines `<asctime> train INFO: <message>` for people (docs/design.md,
+section 3), the TensorBoard scalars (event files in the folder, as the released code wrote them), and the GSM
+stage's result as data (`finish_pruned.json`), which programs read."""
 import errno
+import json
 import os
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import List, Optional
 
 from tqdm import tqdm
+
+from gsm.atomic_write import write_text_atomic
 
 
 def format_evaluation(epoch: int, top1: float, top5: float, loss: float) -> str:
@@ -107,3 +112,36 @@ class StageEvents:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What a GSM stage's hard prune gave: the pruned model's evaluation (top1 and top5 in percent, mean loss),
+    the prunable weights it keeps of how many, GSM's Q, and how many weights had |w| > `alive_magnitude` just
+    before the prune (near Q when the prune is nearly lossless)."""
+    top1: float
+    top5: float
+    loss: float
+    kept: int
+    prunable: int
+    keep_count: int
+    alive: int
+    alive_magnitude: float
+
+    @property
+    def compression(self) -> float:
+        return self.prunable / self.kept if self.kept else float("inf")
+
+    def save(self, path: Path) -> None:
+        """Write it as a small JSON object, atomically."""
+        write_text_atomic(path, json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Optional["PruneResult"]:
+        """The result saved at `path`; None when there is none, or when it cannot be read as one (a reader
+        such as show_log then shows no hard-pruned row; the pipeline writes it again)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
