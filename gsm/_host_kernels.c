@@ -17,12 +17,14 @@
    multiply-add anywhere), so the results do not depend on the processor either.
 
    The Python-facing functions check what they can see (lengths, sizes, alignment, the output buffer's type
-   and room) and raise ValueError or TypeError before any kernel runs. */
+   and room, overlaps between the memory they write and any other they touch) and raise ValueError or
+   TypeError before any kernel runs. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -424,6 +426,68 @@ static int64_t read_sizes(PyObject *seq, struct call *c)
     return total;
 }
 
+/* A memory range a call touches: [start, end), whether the kernel writes it, and what it is (for messages). */
+struct range {
+    uintptr_t start, end;
+    int writes;
+    const char *role;
+    Py_ssize_t index;
+};
+
+static int range_order(const void *a, const void *b)
+{
+    uintptr_t x = ((const struct range *)a)->start, y = ((const struct range *)b)->start;
+    return (x > y) - (x < y);
+}
+
+/* ValueError when a range that the kernel writes overlaps any other range: a sweep in address order, keeping
+   the range that reaches furthest (a writer overlapping an earlier range is caught when it comes, a range
+   overlapping an earlier writer is caught unless a longer range came between, which the writer overlaps too). */
+static int refuse_overlaps(struct range *ranges, Py_ssize_t count)
+{
+    qsort(ranges, (size_t)count, sizeof *ranges, range_order);
+    const struct range *furthest = NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const struct range *r = &ranges[i];
+        if (r->start == r->end)
+            continue;
+        if (furthest != NULL && r->start < furthest->end && (r->writes || furthest->writes)) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s %zd and %s %zd overlap in memory; every parameter, gradient and momentum buffer of a "
+                         "step must have memory of its own",
+                         furthest->role, furthest->index, r->role, r->index);
+            return -1;
+        }
+        if (furthest == NULL || r->end > furthest->end)
+            furthest = r;
+    }
+    return 0;
+}
+
+/* The ranges of the arrays of a call (weights and buffers written when `writes`, gradients read), plus `out`
+   (written) when given; ValueError when they overlap as refuse_overlaps says. */
+static int check_ranges(const struct call *c, int writes, const Py_buffer *out)
+{
+    Py_ssize_t n = 0;
+    struct range *ranges = PyMem_Calloc((size_t)(3 * c->count + 1), sizeof *ranges);
+    if (ranges == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t t = 0; t < c->count; t++) {
+        uintptr_t bytes = (uintptr_t)c->sizes[t] * sizeof(float);
+        ranges[n++] = (struct range){(uintptr_t)c->w[t], (uintptr_t)c->w[t] + bytes, writes, "parameter", t};
+        ranges[n++] = (struct range){(uintptr_t)c->g[t], (uintptr_t)c->g[t] + bytes, 0, "gradient", t};
+        if (c->b[t] != NULL)
+            ranges[n++] = (struct range){(uintptr_t)c->b[t], (uintptr_t)c->b[t] + bytes, 1, "momentum buffer", t};
+    }
+    if (out != NULL)
+        ranges[n++] = (struct range){(uintptr_t)out->buf, (uintptr_t)out->buf + (uintptr_t)out->len, 1, "out", 0};
+    int status = refuse_overlaps(ranges, n);
+    PyMem_Free(ranges);
+    return status;
+}
+
 /* Allocates the per-array memory of a call over `count` arrays. */
 static int allocate_call(struct call *c, Py_ssize_t count)
 {
@@ -491,6 +555,11 @@ static PyObject *py_candidates(PyObject *module, PyObject *args)
         PyBuffer_Release(&view);
         release_call(&c);
         return PyErr_Format(PyExc_ValueError, "out must hold at least %lld floats", (long long)(total + 8));
+    }
+    if (check_ranges(&c, 0, &view) < 0) {
+        PyBuffer_Release(&view);
+        release_call(&c);
+        return NULL;
     }
     struct arrays a = {count, c.w, (const float *const *)c.g, NULL, c.sizes, total};
     int64_t found;
@@ -592,6 +661,10 @@ static PyObject *py_update(PyObject *module, PyObject *args)
             return NULL;
         }
         c.settings[t].nesterov = flag;
+    }
+    if (check_ranges(&c, 1, NULL) < 0) {
+        release_call(&c);
+        return NULL;
     }
     struct update_job job = {{count, c.w, (const float *const *)c.g, c.b, c.sizes, total}, c.settings, 0, c.active};
     Py_BEGIN_ALLOW_THREADS

@@ -54,11 +54,6 @@ def status() -> str:
     return f"loaded from {_kernels.__file__}, running on {threads}"
 
 
-def last_threads() -> int:
-    """The number of threads that ran the last kernel call."""
-    return _kernels.last_threads()
-
-
 def is_dense(t: Tensor) -> bool:
     """Whether the elements of `t` fill one block of memory without gaps or overlaps, in some order of its
     dimensions (contiguous, channels_last, transposed, ...)."""
@@ -86,62 +81,88 @@ def _stored_alike(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape) if size != 1)
 
 
-def _describe(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device} with strides {tuple(t.stride())}"
-
-
-def _check_array(t: Tensor, role: str, index: int, like: Optional[Tensor]) -> Tuple[int, int]:
-    """Check that `t` is a dense float32 host tensor inside its storage, shaped and strided like `like` (the
-    parameter it belongs to); returns its memory span (start, end) in bytes."""
+def _unfit(role: str, index: int, t, like: Optional[Tensor] = None) -> RuntimeError:
+    """The error for a tensor that the kernels cannot take, saying what it is (and what its parameter is)."""
     if not isinstance(t, Tensor):
-        raise RuntimeError(f"GSM host kernels: {role} {index} is a {type(t).__name__}, not a tensor")
-    if t.dtype is not torch.float32 or not t.is_cpu or t.is_sparse:
-        raise RuntimeError(f"GSM host kernels: {role} {index} is {_describe(t)}; they take dense float32 CPU tensors")
-    if like is not None and not _stored_alike(t, like):
-        raise RuntimeError(f"GSM host kernels: {role} {index} is {_describe(t)}, its parameter {_describe(like)}; "
-                           f"they must have the same shape and strides")
-    if like is None and not is_dense(t):
-        raise RuntimeError(f"GSM host kernels: {role} {index} is {_describe(t)}, not dense")
-    size = t.numel() * _FLOAT_BYTES
-    if (t.storage_offset() * _FLOAT_BYTES + size) > t.untyped_storage().nbytes():
-        raise RuntimeError(f"GSM host kernels: {role} {index} ({tuple(t.shape)}) extends past the end of its storage "
-                           f"({t.untyped_storage().nbytes()} bytes)")
-    start = t.data_ptr()
-    return start, start + size
+        return RuntimeError(f"GSM host kernels: {role} {index} is a {type(t).__name__}, not a tensor")
+    what = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}, strides " \
+           f"{tuple(t.stride()) if t.layout is torch.strided else t.layout}"
+    if like is None:
+        return RuntimeError(f"GSM host kernels: {role} {index} is {what}; they take dense float32 CPU tensors")
+    return RuntimeError(f"GSM host kernels: {role} {index} is {what}, its parameter {tuple(like.shape)} with strides "
+                        f"{tuple(like.stride())}; they must be float32 CPU tensors of the same shape and strides")
+
+
+def _inside_storage(t: Tensor) -> bool:
+    """Whether the elements of the dense tensor `t` lie inside its storage (a storage can be resized under a
+    tensor that views it)."""
+    return (t.storage_offset() + t.numel()) * _FLOAT_BYTES <= t.untyped_storage().nbytes()
 
 
 def _checked(params: Sequence[Tensor], grads: Sequence[Tensor],
              buffers: Optional[Sequence[Optional[Tensor]]] = None) -> Tuple[List[int], List[int], List[Optional[int]],
                                                                            List[int]]:
-    """The boundary: check every tensor of a call (see `_check_array`) and that none overlaps another in memory
-    (the kernels write the parameters and buffers while reading the gradients, on several threads), and return
-    their addresses and sizes. Raises RuntimeError, before any kernel runs."""
-    if len(grads) != len(params) or (buffers is not None and len(buffers) != len(params)):
-        raise ValueError(f"GSM host kernels: {len(params)} parameters, {len(grads)} gradients and "
+    """The boundary: check every tensor of a call against what the kernels will touch (float32, in host memory,
+    dense, gradients and buffers stored exactly like their parameters, every element inside its storage) and
+    return their addresses and sizes; the C side then refuses any overlap between them. Raises RuntimeError
+    before any kernel runs."""
+    count = len(params)
+    if len(grads) != count or (buffers is not None and len(buffers) != count):
+        raise ValueError(f"GSM host kernels: {count} parameters, {len(grads)} gradients and "
                          f"{'no' if buffers is None else len(buffers)} buffers")
-    spans = []
-    for i, p in enumerate(params):
-        spans.append((*_check_array(p, "parameter", i, None), "parameter", i))
-        spans.append((*_check_array(grads[i], "gradient", i, p), "gradient", i))
-        if buffers is not None and buffers[i] is not None:
-            spans.append((*_check_array(buffers[i], "momentum buffer", i, p), "momentum buffer", i))
-    ordered = sorted(span for span in spans if span[1] > span[0])
-    for before, after in zip(ordered, ordered[1:]):
-        if after[0] < before[1]:
-            raise RuntimeError(f"GSM host kernels: {before[2]} {before[3]} and {after[2]} {after[3]} overlap in "
-                               f"memory; every parameter, gradient and momentum buffer must have memory of its own")
-    addresses = [t.data_ptr() for t in params], [g.data_ptr() for g in grads]
-    buffer_addresses = [None if buffers is None or buffers[i] is None else buffers[i].data_ptr()
-                        for i in range(len(params))]
-    return addresses[0], addresses[1], buffer_addresses, [p.numel() for p in params]
+    f32 = torch.float32
+    weights, gradients, momenta, sizes = [], [], [], []
+    for i in range(count):
+        p, g = params[i], grads[i]
+        b = None if buffers is None else buffers[i]
+        if not isinstance(p, Tensor) or p.dtype is not f32 or not p.is_cpu or p.is_sparse \
+                or not (p.is_contiguous() or is_dense(p)) or not _inside_storage(p):
+            raise _unfit("parameter", i, p)
+        contiguous = p.is_contiguous()
+        for role, t in (("gradient", g), ("momentum buffer", b)):
+            if t is None and role != "gradient":
+                continue
+            if not isinstance(t, Tensor) or t.dtype is not f32 or not t.is_cpu or t.is_sparse \
+                    or not ((contiguous and t.is_contiguous() and t.shape == p.shape) or _stored_alike(t, p)) \
+                    or not _inside_storage(t):
+                raise _unfit(role, i, t, p)
+        weights.append(p.data_ptr())
+        gradients.append(g.data_ptr())
+        momenta.append(None if b is None else b.data_ptr())
+        sizes.append(p.numel())
+    return weights, gradients, momenta, sizes
+
+
+class Batch:
+    """The tensors of one step, checked for the kernels (see `_checked`) once: their addresses and sizes, for the
+    candidates of the first few arrays (the prunable ones) and the update of all of them. Valid while the
+    tensors are left as they are: built, used and dropped within one step."""
+
+    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor],
+                 buffers: Optional[Sequence[Optional[Tensor]]] = None) -> None:
+        self.weights, self.grads, self.buffers, self.sizes = _checked(params, grads, buffers)
+
+    def candidates(self, count: int, bound: float, out: np.ndarray) -> int:
+        """Writes |w * g| of every element of the first `count` arrays that is >= `bound` or NaN to the front
+        of `out`, in order, and returns how many there are. `out` is a contiguous float32 array with room for all
+        their elements plus 8."""
+        return _kernels.candidates(self.weights[:count], self.grads[:count], self.sizes[:count], bound, out,
+                                   torch.get_num_threads())
+
+    def update(self, thresholds: Sequence[float], lr: "Setting", momentum: "Setting", weight_decay: "Setting",
+               nesterov: Union[bool, Sequence[bool]]) -> List[int]:
+        """One momentum-SGD step of every array, in place (see `update`); returns the active counts."""
+        count = len(self.weights)
+        return _kernels.update(self.weights, self.grads, self.buffers, self.sizes, list(thresholds),
+                               _per_array(lr, count), _per_array(momentum, count), _per_array(weight_decay, count),
+                               _per_array(nesterov, count), torch.get_num_threads())
 
 
 def candidates(weights: Sequence[Tensor], grads: Sequence[Tensor], bound: float, out: np.ndarray) -> int:
     """Writes |w * g| of every element of `weights` (with `grads`) that is >= `bound` or NaN to the front of
     `out`, in order, and returns how many there are. `out` is a contiguous float32 array with room for all their
     elements plus 8."""
-    w, g, _, sizes = _checked(weights, grads)
-    return _kernels.candidates(w, g, sizes, bound, out, torch.get_num_threads())
+    return Batch(weights, grads).candidates(len(weights), bound, out)
 
 
 def kth_largest(values: np.ndarray, count: int, k: int) -> np.float32:
@@ -154,7 +175,7 @@ def kth_largest(values: np.ndarray, count: int, k: int) -> np.float32:
 Setting = Union[float, Sequence[float]]
 
 
-def _per_array(value: Setting, count: int) -> Sequence[float]:
+def _per_array(value, count: int) -> Sequence:
     return value if isinstance(value, (list, tuple)) else [value] * count
 
 
@@ -167,7 +188,4 @@ def update(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Optional[
     buffers, updated in place (None, or a None entry: no momentum; a zero buffer makes the first step's buffer
     d, as SGD's does). The hyperparameters are one value for all, or one per parameter. Returns, per param, the
     number of elements that took their gradient."""
-    w, g, b, sizes = _checked(params, grads, buffers)
-    count = len(params)
-    return _kernels.update(w, g, b, sizes, list(thresholds), _per_array(lr, count), _per_array(momentum, count),
-                           _per_array(weight_decay, count), _per_array(nesterov, count), torch.get_num_threads())
+    return Batch(params, grads, buffers).update(thresholds, lr, momentum, weight_decay, nesterov)

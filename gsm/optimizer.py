@@ -1,5 +1,6 @@
 """The Global Sparse Momentum SGD optimizer."""
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -9,11 +10,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from base_model import unwrap_model
+from gsm.wrappers import unwrap_model
 from gsm import host_kernels
 from gsm.denormals import flush_denormals
 from gsm.pruning import global_magnitude_mask
-from gsm.selection import GlobalSelection, Selection, keep_count
+from gsm.selection import GlobalSelection, Selection, check_nonzero_ratio, keep_count
 
 
 def _user_stacklevel() -> int:
@@ -66,20 +67,20 @@ def _check_step_state(p: Tensor, buffer: Any) -> None:
     """What a step will use with `p`, checked before it writes anything: a dense gradient of p's shape on p's
     device, and a momentum buffer (if any) of p's shape on p's device. RuntimeError, as torch.optim.SGD
     raises for a gradient or buffer that does not fit its parameter."""
-    grad = p.grad
+    grad, shape, on_cpu = p.grad, p.shape, p.is_cpu
     if grad.is_sparse:
         raise RuntimeError("GSM does not support sparse gradients")
-    if grad.shape != p.shape or grad.device != p.device:
+    if grad.shape != shape or not (on_cpu and grad.is_cpu or grad.device == p.device):
         raise RuntimeError(f"GSM: a gradient {tuple(grad.shape)} on {grad.device} does not fit its parameter "
-                           f"{tuple(p.shape)} on {p.device}")
+                           f"{tuple(shape)} on {p.device}")
     if buffer is None:
         return
     if not isinstance(buffer, Tensor):
-        raise RuntimeError(f"GSM: the momentum buffer of a parameter {tuple(p.shape)} is a {type(buffer).__name__}, "
+        raise RuntimeError(f"GSM: the momentum buffer of a parameter {tuple(shape)} is a {type(buffer).__name__}, "
                            f"not a tensor")
-    if buffer.shape != p.shape or buffer.device != p.device or buffer.is_sparse:
+    if buffer.shape != shape or buffer.is_sparse or not (on_cpu and buffer.is_cpu or buffer.device == p.device):
         raise RuntimeError(f"GSM: the momentum buffer {tuple(buffer.shape)} on {buffer.device} does not fit its "
-                           f"parameter {tuple(p.shape)} on {p.device}")
+                           f"parameter {tuple(shape)} on {p.device}")
 
 
 def _check_loadable(optimizer: "GSM", state_dict: Any) -> None:
@@ -226,9 +227,9 @@ class GSM(Optimizer):
 
     @staticmethod
     def _check_hyperparameters(group: Dict[str, Any]) -> None:
-        for name in ("lr", "momentum", "weight_decay", "nonzero_ratio"):
+        for name in ("lr", "momentum", "weight_decay"):
             value = group.get(name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
                 raise ValueError(f"Invalid {name}: {value!r} (must be a number)")
         if group["lr"] < 0.0:
             raise ValueError(f"Invalid learning rate: {group['lr']}")
@@ -242,8 +243,7 @@ class GSM(Optimizer):
             raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum > 0")
         if group.get("prunable", None) not in (None, True, False):
             raise ValueError(f"Invalid prunable: {group['prunable']!r} (must be True, False or None)")
-        if not 0.0 < group["nonzero_ratio"] <= 1.0:
-            raise ValueError(f"Invalid nonzero_ratio: {group['nonzero_ratio']} (must be in (0, 1])")
+        check_nonzero_ratio(group["nonzero_ratio"])
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a param group (see Optimizer.add_param_group); an invalid one raises and is not added."""
@@ -283,7 +283,7 @@ class GSM(Optimizer):
         return [name for name, p in unwrap_model(model).named_parameters() if id(p) in ranked]
 
     def hard_mask(self, model: nn.Module) -> Dict[str, Tensor]:
-        """The hard prune's mask (DESIGN 1) of `model` over this optimizer's prunable parameters at its
+        """The hard prune's mask (docs/design.md, section 1) of `model` over this optimizer's prunable parameters at its
         nonzero_ratio: {plain parameter name: bool tensor}."""
         return global_magnitude_mask(model, self.nonzero_ratio, names=self.prunable_names(model))
 
@@ -317,49 +317,32 @@ class GSM(Optimizer):
         for group in self.param_groups:
             group.setdefault("nonzero_ratio", self.defaults["nonzero_ratio"])
 
-    def _work(self) -> Tuple[List[Tuple[Dict[str, Any], List[Tensor]]], List[Tensor], int]:
-        """Each group with its parameters that have gradients, the prunable ones among them (to rank), and N.
-        Checks every gradient and momentum buffer against its parameter, and the parameters for shared memory,
-        before the step writes anything."""
+    def _work(self) -> Tuple[List[Tuple[Dict[str, Any], Tensor]], List[Tensor], int]:
+        """(group, parameter) for every parameter with a gradient, the prunable ones among them (to rank), and N,
+        the prunable elements of all groups."""
         work, ranked, num_prunable = [], [], 0
         for group in self.param_groups:
-            params = []
             for p in group["params"]:
                 prunable = self.is_prunable(group, p)
-                num_prunable += p.numel() if prunable else 0
-                if p.grad is None:
-                    continue
-                _check_step_state(p, self.state[p].get("momentum_buffer") if p in self.state else None)
-                params.append(p)
                 if prunable:
-                    ranked.append(p)
-            work.append((group, params))
-        _refuse_shared_memory([p for _, params in work for p in params])
+                    num_prunable += p.numel()
+                if p.grad is not None:
+                    work.append((group, p))
+                    if prunable:
+                        ranked.append(p)
         return work, ranked, num_prunable
 
-    def _select(self, ranked: List[Tensor], num_prunable: int) -> Tuple[Dict[Tensor, Tensor], Optional[float]]:
-        """Rank the prunable elements that have gradients. Returns the masked gradients mask * g of the generic
-        path (new tensors, by parameter), and on the host path the threshold that the update applies (the
-        generic path, and a step without ranking: None)."""
-        self._last_num_ranked = num_ranked = sum(p.numel() for p in ranked)
-        self.last_threshold, self._last_selection = None, None
-        q = keep_count(num_prunable, self.nonzero_ratio)
-        if not ranked or q >= num_ranked:
-            # Q < N (so fewer than N are ranked): GSM was meant to mask, yet every ranked element is active.
-            if ranked and not self._warned_all_active and q < num_prunable:
-                self._warned_all_active = True
-                warnings.warn(
-                    f"GSM: only {num_ranked} prunable elements have gradients, no more than Q = {q} "
-                    f"(1/{1 / self.nonzero_ratio:g} of the {num_prunable} prunable elements of the param "
-                    f"groups, counted with or without gradients), so every ranked element gets its gradient: "
-                    f"this step is plain SGD. Leave parameters that get no gradient (frozen, unused) out of the "
-                    f"optimizer, or mark their group prunable=False", RuntimeWarning, stacklevel=_user_stacklevel())
-            return {}, None
-        selection = self._selection(ranked, [p.grad for p in ranked], q, fused=self.fused)
-        self._last_selection, self.last_threshold = selection, selection.threshold
-        if selection.masked_grads is None:  # the host path
-            return {}, float(selection.threshold)
-        return dict(zip(ranked, selection.masked_grads)), None
+    def _warn_all_active(self, num_ranked: int, q: int, num_prunable: int) -> None:
+        """Warn once that GSM was meant to mask (Q < N) yet every ranked element gets its gradient."""
+        if self._warned_all_active or q >= num_prunable:
+            return
+        self._warned_all_active = True
+        warnings.warn(
+            f"GSM: only {num_ranked} prunable elements have gradients, no more than Q = {q} "
+            f"(1/{1 / self.nonzero_ratio:g} of the {num_prunable} prunable elements of the param "
+            f"groups, counted with or without gradients), so every ranked element gets its gradient: "
+            f"this step is plain SGD. Leave parameters that get no gradient (frozen, unused) out of the "
+            f"optimizer, or mark their group prunable=False", RuntimeWarning, stacklevel=_user_stacklevel())
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -369,37 +352,61 @@ class GSM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work, ranked, num_prunable = self._work()
-        if self.fused:
-            for _, params in work:
-                for p in params:
-                    if not host_kernels.fits(p, p.grad):
-                        raise RuntimeError(f"GSM(fused=True): a parameter {tuple(p.shape)} and its gradient do not fit "
-                                           f"the host kernels (float32 CPU tensors, stored alike)")
-        masked_grads, threshold = self._select(ranked, num_prunable)
-        # The kernels update after a host-path selection (a threshold). A step without masking is SGD's own
-        # arithmetic (torch's multi-tensor ops) unless fused=True asks for the kernels.
-        kernels = threshold is not None or bool(self.fused and not masked_grads)
-        kernel_params, kernel_groups, thresholds, generic = [], [], [], []
-        for group, params in work:
-            entries: List[Tuple[Tensor, Tensor, bool]] = []  # (param, direction, whether the direction is new)
-            for p in params:
-                if kernels and host_kernels.fits(p, p.grad):
-                    kernel_params.append(p)
-                    kernel_groups.append(group)
-                    prunable = threshold is not None and self.is_prunable(group, p)
-                    thresholds.append(threshold if prunable else -math.inf)
-                    continue
-                chosen = masked_grads.get(p)
-                entries.append((p, p.grad if chosen is None else chosen, chosen is not None))
+        self._last_num_ranked = num_ranked = sum(p.numel() for p in ranked)
+        self.last_threshold, self._last_selection, self._host_active = None, None, 0
+        q = keep_count(num_prunable, self.nonzero_ratio)
+        masking = bool(ranked) and q < num_ranked
+        if ranked and not masking:
+            self._warn_all_active(num_ranked, q, num_prunable)
+
+        # The path, decided here for the whole step: the kernels rank when every ranked tensor fits them, and
+        # then update every tensor that fits; a step without masking is SGD's own arithmetic (torch's
+        # multi-tensor ops) unless fused=True asks for the kernels.
+        fits = {p: self.fused is not False and host_kernels.available() and host_kernels.fits(p, p.grad)
+                for _, p in work}
+        if self.fused and not all(fits.values()):
+            p = next(p for p, fit in fits.items() if not fit)
+            raise RuntimeError(f"GSM(fused=True): a parameter {tuple(p.shape)} and its gradient do not fit the host "
+                               f"kernels (float32 CPU tensors, stored alike)")
+        host_ranking = masking and q > 0 and all(fits[p] for p in ranked)
+        in_kernels = host_ranking or bool(self.fused and not masking)
+        kernel_work = sorted((item for item in work if in_kernels and fits[item[1]]),
+                             key=lambda item: not (host_ranking and self.is_prunable(*item)))  # ranked first
+        generic_work = [item for item in work if not (in_kernels and fits[item[1]])]
+
+        # Everything checked before anything is written: the generic path's tensors as SGD checks them, the
+        # kernels' tensors at their boundary (gsm.host_kernels), and no two parameters sharing memory.
+        for _, p in generic_work:
+            state = self.state.get(p)
+            _check_step_state(p, None if state is None else state.get("momentum_buffer"))
+        batch = None
+        if kernel_work:
+            params = [p for _, p in kernel_work]
+            buffers = [self._momentum_buffer_like(p) if group["momentum"] != 0.0 else None for group, p in kernel_work]
+            batch = host_kernels.Batch(params, [p.grad for p in params], buffers)
+        _refuse_shared_memory([p for _, p in work])
+
+        masked_grads: Dict[Tensor, Tensor] = {}
+        if host_ranking:
+            self.last_threshold = self._selection.threshold(batch, len(ranked), q)
+            self._last_selection = Selection(self.last_threshold)
+        elif masking:
+            self._last_selection = self._selection.masked(ranked, [p.grad for p in ranked], q)
+            self.last_threshold = self._last_selection.threshold
+            masked_grads = dict(zip(ranked, self._last_selection.masked_grads))
+        if batch is not None:
+            tau = float(self.last_threshold) if host_ranking else -math.inf
+            thresholds = [tau if host_ranking and self.is_prunable(group, p) else -math.inf for group, p in kernel_work]
+            groups = [group for group, _ in kernel_work]
+            active = batch.update(thresholds, [g["lr"] for g in groups], [g["momentum"] for g in groups],
+                                  [g["weight_decay"] for g in groups], [g["nesterov"] for g in groups])
+            self._host_active = sum(count for count, limit in zip(active, thresholds) if limit != -math.inf)
+        for group in self.param_groups:
+            entries = [(p, masked_grads.get(p, p.grad), p in masked_grads) for g, p in generic_work if g is group]
             if entries:
-                generic.append((group, entries))
-        self._host_active = 0
-        if kernel_params:
-            self._update_in_kernels(kernel_params, kernel_groups, thresholds)
-        for group, entries in generic:
-            params, directions, owned = (list(column) for column in zip(*entries))
-            self._update(group, params, directions, owned)
-        self.last_step_fused = not generic if kernel_params or generic else None
+                params, directions, owned = (list(column) for column in zip(*entries))
+                self._update(group, params, directions, owned)
+        self.last_step_fused = None if not work else not generic_work
         return loss
 
     def _update(self, group: Dict[str, Any], params: List[Tensor], directions: List[Tensor],
@@ -444,23 +451,16 @@ class GSM(Optimizer):
                 directions = buffers
         torch._foreach_add_(params, directions, alpha=-lr)
 
-    def _update_in_kernels(self, params: List[Tensor], groups: List[Dict[str, Any]], thresholds: List[float]) -> None:
-        """`_update` for parameters that fit the host kernels (of any groups), in one pass of
-        `gsm.host_kernels.update` that gives each element its loss gradient where |w * g| >= its parameter's
-        threshold (-inf: everywhere)."""
-        buffers = [self._momentum_buffer_like(p) if g["momentum"] != 0.0 else None for p, g in zip(params, groups)]
-        active = host_kernels.update(params, [p.grad for p in params], buffers, thresholds,
-                                     [g["lr"] for g in groups], [g["momentum"] for g in groups],
-                                     [g["weight_decay"] for g in groups], [g["nesterov"] for g in groups])
-        self._host_active = sum(count for count, tau in zip(active, thresholds) if tau != -math.inf)
-
-    def _momentum_buffer_like(self, p: Tensor) -> Tensor:
-        """p's momentum buffer, stored like p (a buffer loaded in another memory layout is copied into p's). A
-        new buffer is zero, which makes the first step's buffer d, as torch.optim.SGD's first buffer is."""
+    def _momentum_buffer_like(self, p: Tensor):
+        """p's momentum buffer for the kernels, stored like p (a buffer of p's shape loaded in another memory
+        layout, dtype or device is copied into p's); a new one is zero, which makes the first step's buffer d,
+        as torch.optim.SGD's first buffer is. One of another shape, or not a tensor, is left for the kernels'
+        checks to refuse (a copy would broadcast it)."""
         state = self.state[p]
         buf = state.get("momentum_buffer")
         if buf is None:
             buf = state["momentum_buffer"] = torch.zeros_like(p)
-        elif buf.stride() != p.stride() or buf.dtype != p.dtype or buf.device != p.device:
+        elif isinstance(buf, Tensor) and buf.shape == p.shape and (
+                buf.stride() != p.stride() or buf.dtype != p.dtype or buf.device != p.device):
             buf = state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
         return buf

@@ -1,9 +1,8 @@
 """Pruning results as files: masks ({parameter name: bool} in hdf5) and the compressed export of a pruned model
 (positions and values of the non-zeros of each prunable tensor, the other tensors dense).
 
-Both are hdf5 files marked by a `format` attribute on the root, so that neither is taken for a weights file of
-DESIGN 3 (which holds only arrays, and which `weights_io.read_hdf5` keeps reading exactly), and both are
-written atomically (a temporary file, fsynced, then renamed)."""
+Both are hdf5 files marked by a `format` attribute on the root, so that neither is taken for a weights file (which
+holds only arrays; docs/design.md, section 3), and both are written atomically (gsm.atomic_write)."""
 import math
 import os
 from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from base_model import unwrap_model
+from gsm.wrappers import unwrap_model
 from gsm.pruning import prunable_parameters
 from gsm.weights_io import (NUMERIC_KINDS, WeightsFileError, attribute_where, check_fits, checked_dataset,
                             checked_datasets, copy_into, describe_value, entry_errors, entry_name, format_attribute,

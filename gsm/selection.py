@@ -1,5 +1,6 @@
 """GSM's selection: the metric |w * g|, its exact global Q-th largest value, and which elements reach it."""
 import math
+import numbers
 from collections import deque
 from typing import Callable, Deque, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -10,21 +11,20 @@ from torch import Tensor
 from gsm import host_kernels
 
 
+def check_nonzero_ratio(nonzero_ratio: float) -> None:
+    """ValueError unless 0 < nonzero_ratio <= 1 (1 / the compression ratio)."""
+    if isinstance(nonzero_ratio, bool) or not isinstance(nonzero_ratio, numbers.Real) \
+            or not 0.0 < nonzero_ratio <= 1.0:
+        raise ValueError(f"Invalid nonzero_ratio: {nonzero_ratio!r} (must be in (0, 1])")
+
+
 def keep_count(num_prunable: int, nonzero_ratio: float) -> int:
-    """Q = int(nonzero_ratio * N), the number of elements that receive loss gradients (DESIGN 1)."""
+    """Q = int(nonzero_ratio * N), the number of elements that receive loss gradients."""
     return int(nonzero_ratio * num_prunable)
 
 
-def partition_select(values: np.ndarray, count: int, k: int) -> np.float32:
-    """The k-th largest of the first `count` elements of `values` (1 <= k <= count), by numpy's partition,
-    which reorders them."""
-    candidates = values[:count]
-    candidates.partition(count - k)  # in place
-    return candidates[count - k]
-
-
-def kth_largest(collect: Callable[[float], int], found: np.ndarray, k: int, bounds: Sequence[float] = (),
-                select: Callable[[np.ndarray, int, int], np.float32] = partition_select) -> Tuple[np.float32, int]:
+def kth_largest(collect: Callable[[float], int], found: np.ndarray, k: int, bounds: Sequence[float],
+                select: Callable[[np.ndarray, int, int], np.float32]) -> Tuple[np.float32, int]:
     """The exact k-th largest metric tau (k >= 1; a NaN ranks above every number, as in torch.topk), from
     `collect(bound)`, which writes every metric that is >= bound or NaN to the front of the float32 array
     `found` and returns how many there are, and `select(found, count, k)`, the k-th largest of the first
@@ -48,10 +48,10 @@ class ThresholdSearch:
 
     The bound is `previous threshold * safety * r`, r being the second smallest ratio of consecutive thresholds
     in the last `history` steps: it follows how far the threshold has actually fallen from one step to the next
-    (one outlier does not widen it for long), so the candidates stay few (1.1 to 3 Q in GSM training of
-    LeNet-300-100). When the threshold falls further (about 3% of steps), fewer than k elements pass the bound
-    and the search is retried from a bound `retry` times lower before it searches everything. The result never
-    depends on the bound; `last_searched` is the candidate count of the last search (for tests).
+    (one outlier does not widen it for long), so that the candidates stay few. When the threshold falls
+    further, fewer than k elements pass the bound and the search is retried from a bound `retry` times lower
+    before it searches everything. The result never depends on the bound; `last_searched` is the candidate
+    count of the last search.
     """
 
     def __init__(self, history: int = 64, safety: float = 0.9, retry: float = 0.25) -> None:
@@ -69,7 +69,7 @@ class ThresholdSearch:
         return self._previous * self.safety * ratios[min(1, len(ratios) - 1)]
 
     def __call__(self, collect: Callable[[float], int], found: np.ndarray, k: int,
-                 select: Callable[[np.ndarray, int, int], np.float32] = partition_select) -> np.float32:
+                 select: Callable[[np.ndarray, int, int], np.float32]) -> np.float32:
         """tau, the k-th largest metric (see `kth_largest`)."""
         bound = self.bound()
         bounds = () if bound is None else (bound, bound * self.retry)
@@ -144,16 +144,6 @@ def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: S
         torch._foreach_copy_(list(segments), torch._foreach_mul(params, list(grads)))
 
 
-def flat_metric(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    """|w * g| of every element of `params`, as one float32 vector laid out by `FlatLayout(params, grads)`."""
-    return GlobalSelection().metric(params, grads)
-
-
-def split_flat(flat: Tensor, like: Sequence[Tensor], grads: Sequence[Tensor]) -> List[Tensor]:
-    """Views of `flat` shaped like each tensor of `like`, laid out as `flat_metric(like, grads)` lays them out."""
-    return FlatLayout(like, grads).views(flat)
-
-
 # The bit pattern of a NaN float32 one above +inf's (0x7f800000): the one value of every NaN metric.
 _ONE_NAN = 0x7F800001
 
@@ -173,23 +163,24 @@ class Selection(NamedTuple):
         return 0 if self.active is None else int(self.active.sum())
 
 
-def on_fast_host_path(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
-    """Whether the host path applies: the compiled kernels are loaded and every tensor fits them (float32, in
-    host memory, dense and stored like its gradient: contiguous, channels_last, ...)."""
+def _fits_host_path(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Whether the compiled kernels are loaded and every tensor fits them (float32 in host memory, dense and
+    stored like its gradient)."""
     return host_kernels.available() and all(host_kernels.fits(p, g) for p, g in zip(params, grads))
 
 
 class GlobalSelection:
-    """DESIGN 1's selection, step after step, for a list of prunable tensors and their loss gradients: the
-    metric |w * g| over all elements, its exact k-th largest value tau, and which elements are >= tau.
+    """GSM's selection (docs/design.md, section 1), step after step, for a list of prunable tensors and their
+    loss gradients: the metric |w * g| over all elements, its exact k-th largest value tau, and which elements
+    are >= tau (docs/design.md, section 4, for the two paths).
 
-    Host path (`on_fast_host_path`): one pass of `gsm.host_kernels.candidates` collects the metrics at or above
-    a bound that `ThresholdSearch` sets from the previous thresholds, and tau is searched among those few; the
-    result is tau alone, because the update recomputes the mask element by element. Generic path (GPUs, other
-    dtypes and layouts, no compiled kernels): the metric in one flat float32 vector (buffers and per-tensor
-    views kept while the tensors keep their shapes, strides and dtypes), `topk` for tau and a handful of
-    multi-tensor kernels (metric, mask, conversion, multiply) whatever the number of tensors, without a host
-    synchronisation; the result is the masked gradients.
+    Host path (`threshold`, on a checked `host_kernels.Batch`): one pass of the candidates kernel collects the
+    metrics at or above a bound that `ThresholdSearch` sets from the previous thresholds, and tau is searched
+    among those few; the result is tau alone, because the update recomputes the mask element by element.
+    Generic path (`masked`: GPUs, other dtypes and layouts, no compiled kernels): the metric in one flat float32
+    vector (buffers and per-tensor views kept while the tensors keep their shapes, strides and dtypes), `topk`
+    for tau and a handful of multi-tensor kernels (metric, mask, conversion, multiply) whatever the number of
+    tensors, without a host synchronisation; the result is the masked gradients.
     """
 
     def __init__(self) -> None:
@@ -199,7 +190,6 @@ class GlobalSelection:
         self._metric: Optional[Tensor] = None
         self._metric_views: List[Tensor] = []
         self._host_path = False
-        self._fits_host = False
         self._found = np.empty(0, dtype=np.float32)
         self._float_mask: Optional[Tensor] = None
         self._float_mask_views: List[Tensor] = []
@@ -215,10 +205,8 @@ class GlobalSelection:
         if key == self._key:
             return
         self._key = key
-        self._fits_host = on_fast_host_path(params, grads)
         self._layout = FlatLayout(params, grads)
         self._metric, self._metric_views = None, []
-        self._found = np.empty(self._layout.numel + 8 if self._fits_host else 0, dtype=np.float32)
         self._float_mask, self._float_mask_views = None, []
 
     def metric(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
@@ -233,14 +221,27 @@ class GlobalSelection:
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int,
                  fused: Optional[bool] = None) -> Selection:
         """Select the elements of `params` with the k largest |w * g| (and any tied with the k-th; a NaN ranks
-        above every number, as in torch.topk). `fused`: the host path when possible (None), never (False)."""
+        above every number, as in torch.topk): on the host path when `fused` is not False and the tensors fit
+        the kernels, else on the generic path."""
+        if fused is not False and k > 0 and _fits_host_path(params, grads):
+            return Selection(self.threshold(host_kernels.Batch(_without_autograd(params), grads), len(params), k))
+        return self.masked(params, grads, k)
+
+    def threshold(self, batch: "host_kernels.Batch", count: int, k: int) -> Tensor:
+        """The host path: tau (a 0-d tensor), the k-th largest metric (k >= 1) of the first `count` arrays of a
+        checked batch."""
+        self._host_path = True
+        needed = sum(batch.sizes[:count]) + 8
+        if self._found.size < needed:
+            self._found = np.empty(needed, dtype=np.float32)
+        tau = self.search(lambda bound: batch.candidates(count, bound, self._found), self._found, k,
+                          host_kernels.kth_largest)
+        return torch.from_numpy(np.asarray(tau, dtype=np.float32))
+
+    def masked(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int) -> Selection:
+        """The generic path: the threshold, the flat mask and the masked gradients of the k largest metrics."""
+        self._host_path = False
         self._prepare(params, grads)
-        self._host_path = fused is not False and self._fits_host and k > 0
-        if self._host_path:
-            params = _without_autograd(params)
-            tau = self.search(lambda bound: host_kernels.candidates(params, grads, bound, self._found),
-                              self._found, k, host_kernels.kth_largest)
-            return Selection(torch.from_numpy(np.asarray(tau, dtype=np.float32)))
         if k == 0:  # no element takes its gradient (zeros, not g * 0, which is NaN where g is infinite)
             mask = torch.zeros(self._layout.numel, dtype=torch.bool, device=params[0].device)
             return Selection(None, mask, masked_grads=[torch.zeros_like(g) for g in grads])
@@ -258,18 +259,3 @@ class GlobalSelection:
             self._float_mask_views = self._layout.views(self._float_mask)
         self._float_mask.copy_(mask)  # one conversion and one multi-tensor multiply
         return Selection(threshold, mask, masked_grads=list(torch._foreach_mul(list(grads), self._float_mask_views)))
-
-
-@torch.no_grad()
-def active_masks(params: Sequence[Tensor], grads: Sequence[Tensor], nonzero_ratio: float) -> List[Tensor]:
-    """The reference selection of DESIGN 1 as a pure function: boolean masks of the elements whose metric
-    |w * g| is >= the Q-th largest metric over all of `params` (ties at the threshold are all kept)."""
-    metric = flat_metric(params, grads)
-    q = keep_count(metric.numel(), nonzero_ratio)
-    if q >= metric.numel():
-        return [torch.ones_like(p, dtype=torch.bool) for p in params]
-    if q == 0:
-        return [torch.zeros_like(p, dtype=torch.bool) for p in params]
-    threshold = torch.sort(metric, descending=True).values[q - 1]  # NaN sorts above every number
-    active = metric.isnan() if threshold.isnan() else (metric >= threshold) | metric.isnan()
-    return split_flat(active, params, grads)

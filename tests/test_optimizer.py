@@ -1,10 +1,12 @@
-"""Tests for the GSM optimizer against torch.optim.SGD and against a brute-force (sorting) version of DESIGN 1."""
+"""Tests for the GSM optimizer against torch.optim.SGD and against a brute-force (sorting) version of the rule
+(docs/design.md, section 1)."""
 from __future__ import annotations
 
 import copy
 import io
 import warnings
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -14,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gsm.selection as selection
 from base_model import build_model
-from gsm import GSM, host_kernels
-from gsm.selection import active_masks, keep_count, kth_largest
+from gsm import GSM
+from gsm.selection import FlatLayout, GlobalSelection, keep_count, kth_largest
+from reference import reference_selection
 
 
 # These models are tiny: one intra-op thread is fastest, and immune to a busy machine's contention.
@@ -76,7 +79,7 @@ def assert_same_weights(a: nn.Module, b: nn.Module, atol: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Brute force: DESIGN 1 by sorting every metric, independent of gsm.selection
+# Brute force: the rule with the tests' reference selection, independent of gsm.selection
 
 
 class BruteForceGSM:
@@ -100,24 +103,15 @@ class BruteForceGSM:
     def step(self) -> None:
         prunable = [p for g in self.groups for p in g["params"] if self._prunable(g, p)]
         ranked = [p for p in prunable if p.grad is not None]
-        q = int(self.nonzero_ratio * sum(p.numel() for p in prunable))
-        self.masks, self.tau = {}, None
-        if q >= sum(p.numel() for p in ranked):
-            self.num_active = sum(p.numel() for p in ranked)
-        else:
-            metrics = {p: (p * p.grad).abs() for p in ranked}
-            ordered = torch.sort(torch.cat([m.reshape(-1) for m in metrics.values()]), descending=True).values
-            if q == 0:
-                self.masks = {p: torch.zeros_like(m, dtype=torch.bool) for p, m in metrics.items()}
-            else:
-                self.tau = ordered[q - 1]
-                self.masks = {p: m >= self.tau for p, m in metrics.items()}
-            self.num_active = sum(int(m.sum()) for m in self.masks.values())
+        masks, self.tau = reference_selection(ranked, [p.grad for p in ranked], self.nonzero_ratio,
+                                              sum(p.numel() for p in prunable))
+        self.masks = dict(zip(ranked, masks))
+        self.num_active = sum(int(m.sum()) for m in masks)
         for g in self.groups:
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                d = p.grad * self.masks[p] if p in self.masks else p.grad.clone()
+                d = p.grad * self.masks[p] if p in self.masks else p.grad.clone()  # (all True: SGD)
                 if g["weight_decay"]:
                     d = torch.add(d, p, alpha=g["weight_decay"])
                 if g["momentum"]:
@@ -150,7 +144,7 @@ def search_log(monkeypatch) -> list[tuple[int, int, int, int]]:
     calls: list[tuple[int, int, int, int]] = []
     original = selection.kth_largest
 
-    def spy(collect, found, k, bounds=(), select=selection.partition_select):
+    def spy(collect, found, k, bounds, select):
         tau, searched = original(collect, found, k, bounds, select)
         calls.append((len(bounds), searched, found.size - 8, k))  # `found` has room for every element + 8
         return tau, searched
@@ -226,20 +220,19 @@ LOSS_SCALE = {12: 100.0, 24: 0.01}
 
 def run_against_brute_force(model: nn.Module, layout: str, nonzero_ratio: float, momentum: float,
                             weight_decay: float, nesterov: bool, seed: int, steps: int = 36,
-                            device: str = "cpu") -> tuple[GSM, int]:
-    """Train `model` with GSM and a copy with BruteForceGSM on the same batches, asserting after every step
-    that masks, thresholds, active counts and weights are identical (and that `active_masks` agrees).
-    Returns the optimizer and the number of steps that started with a positive previous threshold."""
+                            device: str = "cpu", fused: Optional[bool] = None) -> tuple[GSM, int]:
+    """Train `model` with GSM (`fused` chooses its path) and a copy with BruteForceGSM on the same batches,
+    asserting after every step that masks, thresholds, active counts and weights are identical. Returns the
+    optimizer and the number of steps that started with a positive previous threshold."""
     lr = 0.02
     model = model.to(device)
     reference = copy.deepcopy(model)
     hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    opt = GSM(grouped(model, layout, lr), nonzero_ratio=nonzero_ratio, **hyper)
+    opt = GSM(grouped(model, layout, lr), nonzero_ratio=nonzero_ratio, fused=fused, **hyper)
     brute = BruteForceGSM(grouped(reference, layout, lr), nonzero_ratio, **hyper)
     prunable = [p for g in opt.param_groups for p in g["params"] if GSM.is_prunable(g, p)]
     assert opt.keep_count == int(nonzero_ratio * sum(p.numel() for p in prunable))
     data = torch.Generator().manual_seed(100 + seed)
-    host_path = selection.on_fast_host_path([p.detach() for p in prunable], prunable)  # weights as gradients: layout
     positive_thresholds = 0  # steps after which the optimizer has a hint (a zero threshold bounds nothing)
     for step in range(steps):
         positive_thresholds += step > 0 and bool(opt.last_threshold > 0)
@@ -247,17 +240,12 @@ def run_against_brute_force(model: nn.Module, layout: str, nonzero_ratio: float,
         scale = LOSS_SCALE.get(step, 1.0)
         loss_backward(model, x, y, scale)
         loss_backward(reference, x, y, scale)
-        # The pure reference selection agrees with the brute force on the same weights and gradients.
-        reference_prunable = [p for g in brute.groups for p in g["params"] if BruteForceGSM._prunable(g, p)]
-        masks = active_masks([p.detach() for p in prunable], [p.grad for p in prunable], nonzero_ratio)
         opt.step()
         brute.step()
-        for p, mask in zip(reference_prunable, masks):
-            assert torch.equal(mask, brute.masks[p]), f"step {step}"
         assert opt.num_active == brute.num_active, f"step {step}"
         assert opt.num_active >= opt.keep_count
         assert torch.equal(opt.last_threshold, brute.tau), f"step {step}"
-        if host_path:
+        if opt.last_step_fused:
             # The host path rounds like numpy (torch's vectorised ops may fuse multiply-adds): equal up to
             # rounding. The reference then takes the optimizer's weights and buffers, so that every step's
             # selection is compared on equal inputs.
@@ -294,28 +282,31 @@ def test_matches_brute_force(seed, nonzero_ratio, momentum, weight_decay, nester
     assert any(searched == numel for _, searched, numel, _ in hinted)
 
 
-@pytest.fixture(params=["host", "accelerator", "cuda"])
-def selection_device(request, monkeypatch) -> Iterator[str]:
-    """Run a test on each selection path and return its device: the host path on the CPU (the compiled
-    kernels); the accelerator path (multi-tensor kernels, topk, no threshold hint) forced on the CPU by
-    hiding the compiled kernels, as a CPU without them runs; and on a CUDA device where one exists (cuDNN
-    made deterministic, so that two copies of a model get the same gradients)."""
+@dataclass(frozen=True)
+class Path:
+    """Where a test runs GSM's selection: a device, and the optimizer's `fused` argument."""
+    device: str
+    fused: Optional[bool]
+
+    @property
+    def host(self) -> bool:
+        """Whether it is the host path (the compiled kernels), which this suite's install always builds."""
+        return self.device == "cpu" and self.fused is not False
+
+
+@pytest.fixture(params=["host", "generic", "cuda"])
+def selection_path(request, monkeypatch) -> Path:
+    """Each selection path: the host path on the CPU (the compiled kernels); the generic path (multi-tensor
+    kernels, topk, no threshold hint) chosen on the CPU with fused=False, as a CPU without the kernels runs
+    it; and on a CUDA device where one exists (cuDNN made deterministic, so that two copies of a model get the
+    same gradients)."""
     if request.param == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA device")
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-        yield "cuda"
-        return
-    if request.param == "host":
-        assert host_kernels.available(), host_kernels.status()
-        yield "cpu"
-        return
-    monkeypatch.setattr(host_kernels, "available", lambda: False)
-    monkeypatch.setattr(host_kernels, "status", lambda: "hidden by the test")
-    with warnings.catch_warnings():  # GSM says that it takes the generic path: expected here
-        warnings.filterwarnings("ignore", "GSM: the compiled host kernels are unavailable", RuntimeWarning)
-        yield "cpu"
+        return Path("cuda", None)
+    return Path("cpu", None if request.param == "host" else False)
 
 
 def channels_last_model(seed: int) -> nn.Sequential:
@@ -328,22 +319,22 @@ def channels_last_model(seed: int) -> nn.Sequential:
 @pytest.mark.parametrize("make_model", [random_model, channels_last_model], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("momentum,weight_decay,nesterov,layout", BRUTE_CASES[:2])
 def test_both_selection_paths_match_brute_force(make_model, momentum, weight_decay, nesterov, layout,
-                                                selection_device, search_log):
+                                                selection_path, search_log):
     opt, _ = run_against_brute_force(make_model(3), layout, 0.1, momentum, weight_decay, nesterov, seed=3,
-                                     steps=30, device=selection_device)
-    assert opt._selection.on_host_path == (selection_device == "cpu" and host_kernels.available())
-    if not opt._selection.on_host_path:
+                                     steps=30, device=selection_path.device, fused=selection_path.fused)
+    assert opt.last_step_fused is selection_path.host
+    if not selection_path.host:
         # The optimizer searched the whole metric with topk every step, never with the host's bounded search.
         assert not search_log
 
 
-def test_flat_metric_layouts_round_trip(selection_device):
+def test_flat_metric_layouts_round_trip(selection_path):
     """The flat metric holds each tensor's |w * g| in memory order when w and g share a dense layout (no
-    copies), else in logical order; split_flat with the same tensors maps it back element for element."""
+    copies), else in logical order; the layout's views of it map it back element for element."""
     gen = torch.Generator().manual_seed(11)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(selection_device)
+        return torch.randn(*shape, generator=gen).to(selection_path.device)
 
     pairs = [
         (rand(4, 3, 2, 2), rand(4, 3, 2, 2)),  # contiguous
@@ -354,16 +345,16 @@ def test_flat_metric_layouts_round_trip(selection_device):
         (rand(5, 7), rand(7, 5).t()),  # dense, but not the same strides
     ]
     params, grads = [p for p, _ in pairs], [g for _, g in pairs]
-    assert [selection._in_memory_order(p, g) for p, g in pairs] == [True, True, True, False, False]
-    metric = selection.flat_metric(params, grads)
-    assert metric.numel() == sum(p.numel() for p in params)
-    for view, p, g in zip(selection.split_flat(metric, params, grads), params, grads):
+    layout = FlatLayout(params, grads)
+    metric = GlobalSelection().metric(params, grads)
+    assert metric.numel() == layout.numel == sum(p.numel() for p in params)
+    in_memory_order = [True, True, True, False, False]
+    for view, p, g, same_order in zip(layout.views(metric), params, grads, in_memory_order):
         assert view.shape == p.shape and view.data_ptr() >= metric.data_ptr()
         assert torch.equal(view, (p * g).abs())
-        if selection._in_memory_order(p, g):
-            assert view.stride() == p.stride()
+        assert (view.stride() == p.stride()) == (same_order or p.is_contiguous())
     # The selection follows the same layouts (the mixed layouts take the generic path).
-    chosen = selection.GlobalSelection()(params, grads, metric.numel() // 3)
+    chosen = GlobalSelection()(params, grads, metric.numel() // 3, fused=selection_path.fused)
     assert chosen.masked_grads is not None
     assert chosen.num_active == metric.numel() // 3  # no ties among random products
     for d, p, g in zip(chosen.masked_grads, params, grads):
@@ -379,22 +370,24 @@ def chosen_masks(chosen: selection.Selection, params: list[torch.Tensor], grads:
     return [m for m in chooser._layout.views(chosen.active)]
 
 
-def test_selection_buffers_follow_layout_changes(selection_device):
-    """The selection keeps its flat buffers and views from step to step, and lays them out again when a
-    tensor's strides change (here the conv weight switches between contiguous and channels_last)."""
+def test_selection_buffers_follow_layout_changes(selection_path):
+    """The selection follows a tensor's layout from step to step (here the conv weight switches between
+    contiguous and channels_last): the generic path lays its flat buffers out again, the host path walks memory."""
     gen = torch.Generator().manual_seed(12)
     chooser = selection.GlobalSelection()
     for memory_format in (torch.contiguous_format, torch.contiguous_format, torch.channels_last,
                           torch.channels_last, torch.contiguous_format):
-        conv, conv_grad = (torch.randn(6, 3, 3, 3, generator=gen).to(selection_device, memory_format=memory_format)
+        conv, conv_grad = (torch.randn(6, 3, 3, 3, generator=gen).to(selection_path.device,
+                                                                      memory_format=memory_format)
                            for _ in range(2))
-        linear, linear_grad = (torch.randn(10, 20, generator=gen).to(selection_device) for _ in range(2))
+        linear, linear_grad = (torch.randn(10, 20, generator=gen).to(selection_path.device) for _ in range(2))
         params, grads = [conv, linear], [conv_grad, linear_grad]
-        chosen = chooser(params, grads, 37)
-        assert chooser._layout.segments[0][1] == conv.stride()  # the conv's segment follows its layout
-        assert chooser.on_host_path == (selection_device == "cpu" and host_kernels.available())
+        chosen = chooser(params, grads, 37, fused=selection_path.fused)
+        assert chooser.on_host_path == selection_path.host
+        if not chooser.on_host_path:  # the conv's segment of the flat buffers follows its layout
+            assert chooser._layout.segments[0][1] == conv.stride()
         assert (chosen.masked_grads is None) == chooser.on_host_path
-        expected = active_masks(params, grads, 37.5 / 362)  # Q = int(37.5 / 362 * 362) = 37
+        expected, _ = reference_selection(params, grads, 37.5 / 362)  # Q = int(37.5 / 362 * 362) = 37
         masks = chosen_masks(chosen, params, grads, chooser)
         assert sum(int(m.sum()) for m in masks) == sum(int(m.sum()) for m in expected) == 37
         for mask, m in zip(masks, expected):
@@ -457,7 +450,7 @@ def test_ties_at_threshold_are_all_kept(nonzero_ratio):
                 p.copy_(w)
                 q.copy_(w)
             p.grad, q.grad = g.clone(), g.clone()
-        masks = active_masks([p.detach() for p in prunable], [p.grad for p in prunable], nonzero_ratio)
+        masks, _ = reference_selection(prunable, [p.grad for p in prunable], nonzero_ratio)
         opt.step()
         brute.step()
         assert opt.num_active > opt.keep_count  # the ties at tau
@@ -505,7 +498,7 @@ def test_selection_is_global_not_per_layer(extra):
     assert keep_count(500, nonzero_ratio) == q
     before = [big.detach().clone(), small.detach().clone()]
     big.grad, small.grad = grads[0].clone(), grads[1].clone()
-    masks = active_masks([big.detach(), small.detach()], grads, nonzero_ratio)
+    masks, _ = reference_selection([big, small], grads, nonzero_ratio)
     opt = GSM([big, small], lr=1.0, momentum=0.0, nonzero_ratio=nonzero_ratio)
     opt.step()
     expected_counts = [min(q, 200), extra]
@@ -556,7 +549,7 @@ def test_passive_weights_only_decay():
     lr, wd = 0.5, 0.25
     opt = GSM([w], lr=lr, momentum=0.0, weight_decay=wd, nonzero_ratio=0.1)
     w.grad = g.clone()
-    (mask,) = active_masks([w.detach()], [g], 0.1)
+    (mask,), _ = reference_selection([w], [g], 0.1)
     opt.step()
     passive = ~mask
     assert int(passive.sum()) == 1000 - opt.num_active > 800
@@ -767,6 +760,23 @@ def test_accelerator_step_is_a_few_kernels_whatever_the_depth(memory_format):
     assert counts["rc20"] == counts["rc110"] <= 16, counts
 
 
+def partition_select(values: np.ndarray, count: int, k: int) -> np.float32:
+    """The k-th largest of the first `count` values by numpy's partition (NaN sorts above every number)."""
+    candidates = values[:count]
+    candidates.partition(count - k)
+    return candidates[count - k]
+
+
+def numpy_collect(values: np.ndarray, found: np.ndarray, bounds_seen: list):
+    """What host_kernels.candidates does, in numpy: the values >= bound or NaN, in order, to `found`."""
+    def collect(bound):
+        bounds_seen.append(bound)
+        chosen = values[~(values < bound)]
+        found[:chosen.size] = chosen
+        return chosen.size
+    return collect
+
+
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 1), (10, 10), (1000, 3), (1000, 31), (1000, 32), (1000, 700),
                                  (5000, 156), (5000, 157)])
 def test_kth_largest_equals_sorting(n, k):
@@ -775,36 +785,26 @@ def test_kth_largest_equals_sorting(n, k):
         expected = np.sort(values)[::-1][k - 1]
         found = np.empty(n + 8, dtype=np.float32)
         bounds_seen = []
-
-        def collect(bound):  # what host_kernels.candidates does, in numpy
-            bounds_seen.append(bound)
-            chosen = values[values >= bound]
-            found[:chosen.size] = chosen
-            return chosen.size
-
+        collect = numpy_collect(values, found, bounds_seen)
         count_at_least = lambda bound: int((values >= bound).sum())  # noqa: E731
         high = float(expected) + 1e-3  # admits fewer than k
         low = float(expected) * 0.9  # admits k or more
         for bounds, searched, tried in [((), n, 1), ((low,), count_at_least(low), 1), ((high,), n, 2),
                                         ((high, low), count_at_least(low), 2), ((high, high), n, 3)]:
             bounds_seen.clear()
-            tau, searched_now = kth_largest(collect, found, k, bounds)
+            tau, searched_now = kth_largest(collect, found, k, bounds, partition_select)
             assert tau == expected
             assert searched_now == searched >= k
             assert len(bounds_seen) == tried and (tried == len(bounds) or bounds_seen[-1] == 0.0)
 
 
-def test_kth_largest_with_nans_and_bad_k():
-    """NaN metrics are never candidates: with fewer than k numbers, tau is 0 and every number is active."""
+def test_kth_largest_ranks_nan_above_every_number_and_checks_k():
+    """NaN metrics are candidates at any bound and rank first, as in torch.topk."""
     values = np.array([np.nan, 3.0, np.nan, 1.0], dtype=np.float32)
     found = np.empty(values.size + 8, dtype=np.float32)
-
-    def collect(bound):
-        chosen = values[values >= bound]
-        found[:chosen.size] = chosen
-        return chosen.size
-
-    assert kth_largest(collect, found, 2) == (1.0, 2)
-    assert kth_largest(collect, found, 3) == (0.0, 2)
+    collect = numpy_collect(values, found, [])
+    assert np.isnan(kth_largest(collect, found, 2, (5.0,), partition_select)[0])
+    assert kth_largest(collect, found, 3, (5.0, 2.0), partition_select) == (3.0, 3)
+    assert kth_largest(collect, found, 4, (), partition_select) == (1.0, 4)
     with pytest.raises(ValueError):
-        kth_largest(collect, found, 0)
+        kth_largest(collect, found, 0, (), partition_select)

@@ -50,7 +50,7 @@ def test_a_momentum_buffer_of_another_shape_is_refused_before_any_write(fused):
     opt.state[model[2].weight]["momentum_buffer"] = torch.zeros(1, 256)  # (10, 256) weight; same strides
     backward(model, seed=2)
     before = snapshot(model)
-    with pytest.raises(RuntimeError, match=r"momentum buffer \(1, 256\) .* does not fit its parameter \(10, 256\)"):
+    with pytest.raises(RuntimeError, match=r"momentum buffer.*\(1, 256\).*its parameter \(10, 256\)"):
         opt.step()
     assert unchanged(model, before)
 

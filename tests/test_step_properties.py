@@ -23,6 +23,7 @@ from torch import nn
 
 from gsm import GSM
 from gsm.host_kernels import is_dense
+from reference import reference_selection
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -109,41 +110,20 @@ def set_grads(case: Case, params: list[nn.Parameter], grads: list[torch.Tensor])
 
 
 def reference_step(case: Case, params: list[nn.Parameter], buffers: list, first: bool, fused):
-    """The rule in float64 from the current float32 (or lower) state: (weights, buffers, tau, active count).
-    The generic path masks the gradients by multiplying them with the mask: where at least Q metrics are NaN
-    (tau is NaN), an inactive element with an infinite gradient gets NaN there (inf * 0), and 0 on the host
-    path."""
-    ws = [p.detach().double().numpy() for p in params]
-    gs = [p.grad.double().numpy() for p in params]
-    with np.errstate(all="ignore"):
-        # The metric in float32 as the step computes it, on this thread, which flushes subnormals as torch's
-        # threads do: the float32 product of float32 (or float16, bfloat16) values, the float64 product of
-        # float64 ones rounded to float32.
-        if case.dtype is torch.float64:
-            metrics = [np.abs(w * g).astype(np.float32) for w, g in zip(ws, gs)]
-        else:
-            metrics = [np.abs(w.astype(np.float32) * g.astype(np.float32)) for w, g in zip(ws, gs)]
-    prunable = [p.dim() > 1 for p in params]
-    ranked = np.concatenate([m.ravel() for m, keep in zip(metrics, prunable) if keep] or [np.zeros(0, np.float32)])
-    k = int(case.nonzero_ratio * ranked.size)
-    tau, count = None, ranked.size
-    if ranked.size and k < ranked.size:
-        if k == 0:
-            count = 0
-        else:
-            tau = np.sort(ranked)[::-1][k - 1]  # numpy sorts NaN above every number
-            count = 0
+    """The rule in float64 from the current float32 (or lower) state: (weights, buffers, tau, active count),
+    the selection by the tests' reference (tests/reference.py). The generic path masks the gradients by
+    multiplying them with the mask: where at least Q metrics are NaN (tau is NaN), an inactive element with an
+    infinite gradient gets NaN there (inf * 0), and 0 on the host path."""
+    ranked = [p for p in params if p.dim() > 1]
+    masks, tau = reference_selection(ranked, [p.grad for p in ranked], case.nonzero_ratio)
+    count = sum(int(m.sum()) for m in masks)
+    masks = iter(masks)
     new_ws, new_bs = [], []
-    for i, (w, g, m) in enumerate(zip(ws, gs, metrics)):
-        if not prunable[i] or (tau is None and count == ranked.size):
-            on = np.ones(w.shape, dtype=bool)
-        elif tau is None:  # k == 0: no element takes its gradient
-            on = np.zeros(w.shape, dtype=bool)
-        else:
-            on = np.isnan(m) if np.isnan(tau) else (m >= tau) | np.isnan(m)
-            count += int(on.sum())
+    for i, p in enumerate(params):
+        w, g = p.detach().double().numpy(), p.grad.double().numpy()
+        on = next(masks).numpy() if p.dim() > 1 else np.ones(w.shape, dtype=bool)
         with np.errstate(all="ignore"):
-            d = g * on if fused is False and tau is not None and np.isnan(tau) else np.where(on, g, 0.0)
+            d = g * on if fused is False and tau is not None and tau.isnan() else np.where(on, g, 0.0)
             if case.weight_decay:  # as SGD: no decay term at 0 (0 * inf would be NaN)
                 d = d + case.weight_decay * w
             if case.momentum == 0.0:
@@ -191,7 +171,7 @@ def run_path(case: Case, fused, weights: list[torch.Tensor], steps: list[list[to
             assert opt.last_threshold is None
         else:
             found = float(opt.last_threshold)
-            assert found == float(tau) or (np.isnan(found) and np.isnan(tau)), (found, tau)
+            assert found == float(tau) or (np.isnan(found) and tau.isnan()), (found, tau)
         assert opt.num_active == count
         for i, p in enumerate(params):
             d_scale = grads_abs[i] + case.weight_decay * magnitude[i]
