@@ -69,7 +69,7 @@ CIFAR10_SIDE = 32
 CIFAR10_ROW_BYTES = 3 * CIFAR10_SIDE * CIFAR10_SIDE  # 3072: R plane, then G plane, then B plane
 NUM_CLASSES = 10
 
-# DESIGN 2: per-channel (mean, std) applied after scaling pixels to [0, 1].
+# Per-channel (mean, std) applied after scaling pixels to [0, 1] (docs/design.md, section 2).
 MNIST_NORMALIZE: Tuple[Tuple[float, ...], Tuple[float, ...]] = ((0.1307,), (0.3081,))
 CIFAR10_NORMALIZE: Tuple[Tuple[float, ...], Tuple[float, ...]] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # Zero padding on each side before the random crop (torchvision RandomCrop(32, padding=4)).
@@ -449,8 +449,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def _row_word_view(images: Tensor) -> Tensor:
     """View [N, ...] uint8 as [N, W] of the widest integer type that divides a row's bytes.
 
-    Gathering rows as 8-byte words instead of single bytes is much faster in index_select (measured ~100x
-    on CPU for MNIST rows), and the bytes, hence the images, are unchanged.
+    Gathering rows as 8-byte words instead of single bytes is much faster in index_select, and the bytes,
+    hence the images, are unchanged.
     """
     row_bytes = math.prod(images.shape[1:])
     flat = images.reshape(images.shape[0], row_bytes)
@@ -547,7 +547,7 @@ class DeviceLoader:
         self._image_words = None if augment else _row_word_view(self._images)
         self._labels = labels.to(self.device, torch.int64)
         # (x / 255 - mean) / std rearranged as x * scale + shift: two passes over the batch instead of three,
-        # and multiplications instead of divisions (about 2x faster on CPU). Computed in float64 so the
+        # and multiplications instead of divisions. Computed in float64 so the
         # constants are the correctly rounded float32 values; results agree with the division form to
         # float32 rounding (a few 1e-7), and a 0 pixel maps to exactly -mean/std.
         mean64 = torch.tensor(mean, dtype=torch.float64)
@@ -636,7 +636,7 @@ def build_loaders(
     channels_last: bool = False,
     download: bool = True,
 ) -> Tuple[DeviceLoader, DeviceLoader]:
-    """Train and test loaders for "mnist" or "cifar10" with DESIGN 2's preprocessing.
+    """Train and test loaders for "mnist" or "cifar10" with the released code's preprocessing (docs/design.md, section 2).
 
     The train loader shuffles with `seed` (and augments for cifar10) and gives rank `rank` of `world_size`
     its slice of each global batch; the test loader runs in eval mode with `eval_batch_size` over the whole

@@ -2,8 +2,8 @@
 
 GSM's passive weights only decay: by the end of a LeNet GSM stage most of them lie between 1e-25 and 1e-35,
 and their products with gradients and activations fall below float32's smallest normal number (1.2e-38).
-x86 processors compute such subnormal results through slow microcode: on an Intel Xeon a late GSM epoch of
-LeNet-300-100 took up to 11x an SGD epoch, 4.5x for an SGD iteration at those weights. Flushing them to zero
+x86 processors compute such subnormal results through slow microcode, several times slower on Intel Xeons (the
+README's Speed section has the figures). Flushing them to zero
 (the FTZ and DAZ modes) changes only values below 1.2e-38, far under anything a weight or a gradient
 contributes, and keeps training deterministic.
 
