@@ -273,6 +273,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoc
     iters_per_epoch = len(loader)
     device = next(model.parameters()).device
     mask_params, mask_values = grad_mask
+    on_cuda = device.type == "cuda"
     losses = torch.zeros(iters_per_epoch, device=device)
     model.train()
     loader.set_epoch(epoch)
@@ -280,9 +281,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoc
         lr = lr_at(epoch * iters_per_epoch + i)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_factor", 1.0)
-        # For torch.compile's CUDA graphs (mode reduce-overhead): a new step begins, so the memory of the last
-        # step's graph outputs may be reused (they are all consumed by now). Without CUDA graphs, a no-op.
-        torch.compiler.cudagraph_mark_step_begin()
+        if on_cuda:
+            # For torch.compile's CUDA graphs (mode reduce-overhead): a new step begins, so the memory of the last
+            # step's graph outputs may be reused (they are all consumed by now). Without CUDA graphs a no-op,
+            # and not called on the CPU: its first call imports inductor's CUDA-graph module (seconds).
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp):
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
