@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -40,12 +43,52 @@ def script_env(**extra: str) -> dict:
     return env
 
 
-def run_script(script: str, args: List, cwd: Path, kill_point: Optional[str] = None,
-               timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` as a process; with `kill_point` (JSON), through tests/kill_run.py."""
-    prefix = [str(KILL_RUN), kill_point] if kill_point else []
-    return subprocess.run([sys.executable, *prefix, str(SCRIPTS[script]), *map(str, args)], cwd=cwd,
-                          env=script_env(), capture_output=True, text=True, timeout=timeout)
+def run_script(script: str, args: List, cwd: Path, kill_point: Optional[str] = None, timeout: float = 300,
+               fresh_interpreter: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` as a process of its own, in `script_env(**env)`; with `kill_point` (JSON), armed as
+    tests/kill_run.py arms it. By default the process is forked from a server that has imported torch and the
+    project once (each fresh interpreter spends seconds importing torch); `fresh_interpreter` starts `python`
+    itself."""
+    if fresh_interpreter:
+        prefix = [str(KILL_RUN), kill_point] if kill_point else []
+        return subprocess.run([sys.executable, *prefix, str(SCRIPTS[script]), *map(str, args)], cwd=cwd,
+                              env=script_env(**env), capture_output=True, text=True, timeout=timeout)
+    return _SERVERS.run(str(SCRIPTS[script]), [str(a) for a in args], cwd, kill_point, timeout, script_env(**env))
+
+
+class _ScriptServers:
+    """Servers that have imported torch and the project, each forking one script process at a time (so that
+    runs side by side take one server each). A forked child starts from the server's idle state: no thread
+    pool running, one OpenMP thread (the server's environment), nothing trained."""
+
+    def __init__(self) -> None:
+        self.idle: List[subprocess.Popen] = []
+        self.lock = threading.Lock()
+
+    def run(self, script: str, args: List[str], cwd: Path, kill_point: Optional[str], timeout: float,
+            env: Dict[str, str]) -> subprocess.CompletedProcess:
+        with self.lock:
+            server = self.idle.pop() if self.idle else None
+        if server is None or server.poll() is not None:
+            server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "script_server.py")],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=script_env(), text=True)
+        with tempfile.TemporaryDirectory() as folder:
+            request = {"script": script, "args": args, "cwd": str(cwd), "kill_point": kill_point, "env": env,
+                       "timeout": timeout, "stdout": os.path.join(folder, "stdout"),
+                       "stderr": os.path.join(folder, "stderr")}
+            server.stdin.write(json.dumps(request) + "\n")
+            server.stdin.flush()
+            reply = server.stdout.readline()
+            if not reply:
+                raise RuntimeError(f"the script server died running {script} {args}")
+            returncode = json.loads(reply)["returncode"]
+            output = [Path(request[name]).read_text(errors="replace") for name in ("stdout", "stderr")]
+        with self.lock:
+            self.idle.append(server)
+        return subprocess.CompletedProcess([script, *args], returncode, *output)
+
+
+_SERVERS = _ScriptServers()
 
 
 def call_script(script: str, argv: List, monkeypatch, capsys) -> Tuple[object, str, str]:

@@ -544,7 +544,7 @@ def test_as_processes(inputs, tmp_path):
     before = fingerprint(results)
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = dict(zip(cases, pool.map(lambda name: run_script(name.split()[0], cases[name][0], tmp_path,
-                                                                timeout=120), cases)))
+                                                                timeout=120, fresh_interpreter=True), cases)))
     for name, (_, code, fragments) in cases.items():
         result = runs[name]
         assert_one_line_error(result.returncode, result.stdout, result.stderr, name.split()[0], code, *fragments)

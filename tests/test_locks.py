@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from gsm.experiments import layout
 from gsm.atomic_write import write_text_atomic
 from gsm.experiments.folder_lock import FolderLock, lock_or_fail, FolderBusy
 from gsm.experiments.train_log import StageLog
-from script_runs import REPO_ROOT, SCRIPTS, script_env
+from script_runs import REPO_ROOT, SCRIPTS, run_script, script_env
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="folder locks are POSIX flock")
 
@@ -47,8 +48,7 @@ def lenet300_command(out_root: Path, data_root: Path, ratio: str = "5") -> list:
 
 
 def run_lenet300(out_root: Path, data_root: Path, cwd: Path, ratio: str = "5") -> subprocess.CompletedProcess:
-    return subprocess.run(lenet300_command(out_root, data_root, ratio), cwd=cwd, env=script_env(),
-                          capture_output=True, text=True, timeout=300)
+    return run_script("lenet300", [ratio, *ARGS[1:], "--out-root", out_root, "--data-root", data_root], cwd)
 
 
 def test_a_run_whose_own_folder_is_in_use_exits_at_once(data_root, tmp_path):
@@ -68,18 +68,31 @@ def test_a_run_whose_own_folder_is_in_use_exits_at_once(data_root, tmp_path):
     assert not [p for p in (out / layout.LOTTERY_EXPS).iterdir() if not p.name.startswith(".")]
 
 
+def wait_for_file(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
 def test_a_shared_base_is_waited_for_then_used(data_root, tmp_path):
+    """The run waits for the base's lock, which this test holds until the run has taken its own folders' locks
+    and reached the base, then trains the base itself."""
     out = tmp_path / "out"
-    hold_s = 6.0
-    holder = hold_lock(out / layout.LOTTERY_EXPS / BASE, hold_s)
-    started = time.perf_counter()
-    result = run_lenet300(out, data_root, tmp_path)
-    elapsed = time.perf_counter() - started
-    holder.wait()
+    holder = FolderLock(out / layout.LOTTERY_EXPS / BASE)
+    assert holder.try_acquire()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(run_lenet300, out, data_root, tmp_path)
+        try:
+            # The run locks its own GSM folders, builds its model, then asks for the base: give it that time.
+            wait_for_file(holder.path.parent / f"{OWN_GSM}.lock")
+            time.sleep(2.0)
+        finally:
+            holder.release()
+        result = running.result()
     assert result.returncode == 0, result.stderr
     waiting = [line for line in result.stderr.splitlines() if line.startswith("waiting for")]
-    assert len(waiting) == 1 and BASE in waiting[0] and f"pid {holder.pid}" in waiting[0]
-    assert elapsed > hold_s - 1  # it did wait
+    assert len(waiting) == 1 and BASE in waiting[0] and f"pid {os.getpid()}" in waiting[0]
     assert (out / layout.LOTTERY_EXPS / BASE / layout.FINISH_WEIGHTS).exists()
 
 
