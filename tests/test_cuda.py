@@ -3,6 +3,7 @@ iteration, the device-resident loader, and the ResNet script with every speed op
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from gsm.experiments.configs import RC_GSM, gsm_config
 from gsm.optimizer import GSM
 from gsm.pruning import num_pruned_to, prunable_parameters
 from gsm.experiments.trainer import build_optimizer, train_epoch
-from test_rc56 import REPO, write_fake_cifar10
+from test_rc56 import write_fake_cifar10
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

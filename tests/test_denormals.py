@@ -1,6 +1,8 @@
 """Flush-to-zero of subnormal floats on every CPU thread: checked by behaviour in fresh processes with two
 threads (the flag is per thread, and the rest of the suite runs single-threaded)."""
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -8,22 +10,16 @@ import tempfile
 import textwrap
 
 import pytest
-import torch
 
 from gsm import host_kernels
-from gsm.denormals import openmp_runtime_path, subnormal_products_flushed
+from gsm.denormals import openmp_runtime_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _has_flush_mode() -> bool:
-    """Whether this processor can flush subnormals at all (x86 with SSE3); restores the mode it found."""
-    code = "import torch; print(torch.set_flush_denormal(True))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return out.strip() == "True"
-
-
-pytestmark = pytest.mark.skipif(not _has_flush_mode(), reason="the processor has no flush-to-zero mode")
+# x86 processors have the flush-to-zero and denormals-are-zero modes (SSE3, part of x86-64).
+pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                                reason="the processor has no flush-to-zero mode")
 
 # Runs first in every child: start torch's OpenMP pool on two threads, as a user's code does long before it
 # builds an optimizer (weight initialisation, data preparation).
@@ -31,8 +27,7 @@ _START_POOL = """
 import torch
 torch.set_num_threads(2)
 torch.full((1 << 20,), 1.0).mul_(2.0)
-from gsm import host_kernels
-from gsm.denormals import openmp_runtime_path, subnormal_products_flushed
+from gsm.denormals import subnormal_products_flushed
 """
 
 
@@ -44,35 +39,21 @@ def _run_two_threads(body: str) -> str:
     return result.stdout.strip()
 
 
-def test_set_flush_denormal_alone_misses_the_running_pool():
-    # The hazard the module exists for: the flag is per thread, so half of the probe stays subnormal.
+@pytest.fixture(scope="module")
+def a_running_pool() -> dict:
+    """What one fresh process with a running two-thread pool observes, step by step (one process for the
+    whole sequence: each step starts from the state the previous one left)."""
     out = _run_two_threads("""
-        print(subnormal_products_flushed(), torch.set_flush_denormal(True), subnormal_products_flushed())
-    """)
-    assert out == "False True None"  # None: flushed on some threads only
-
-
-def test_flush_denormals_reaches_every_thread_of_a_running_pool():
-    out = _run_two_threads("""
-        import gsm
-        tiny = torch.full((1 << 20,), 1e-30)
-        print(gsm.flush_denormals(), subnormal_products_flushed(), int(torch.count_nonzero(tiny * 1e-10)))
-    """)
-    assert out == "True True 0"
-
-
-def test_flushing_can_be_turned_off_again_on_every_thread():
-    out = _run_two_threads("""
+        import json
         from gsm.denormals import flush_denormals, set_flush_denormals
-        print(flush_denormals(), subnormal_products_flushed(), set_flush_denormals(False), subnormal_products_flushed())
-    """)
-    assert out == "True True True False"
-
-
-def test_gsm_on_cpu_parameters_flushes_every_thread():
-    # A user who only builds the optimizer gets the mode; a late GSM state (passive weights near 1e-37 and
-    # their momentum) then never holds a subnormal weight or buffer.
-    out = _run_two_threads("""
+        seen = {"at start": subnormal_products_flushed()}
+        seen["set_flush_denormal"] = [torch.set_flush_denormal(True), subnormal_products_flushed()]
+        tiny = torch.full((1 << 20,), 1e-30)
+        seen["flush_denormals"] = [flush_denormals(), subnormal_products_flushed(),
+                                   int(torch.count_nonzero(tiny * 1e-10))]
+        seen["off again"] = [set_flush_denormals(False), subnormal_products_flushed()]
+        # A user who only builds the optimizer gets the mode; a late GSM state (passive weights near 1e-37 and
+        # their momentum) then never holds a subnormal weight or buffer.
         from gsm import GSM
         torch.manual_seed(0)
         weight = torch.nn.Parameter(torch.randn(256, 256) * 1e-36)
@@ -82,10 +63,29 @@ def test_gsm_on_cpu_parameters_flushes_every_thread():
             optimizer.step()
         def subnormals(t):
             return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
-        buffer = optimizer.state[weight]["momentum_buffer"]
-        print(subnormal_products_flushed(), subnormals(weight), subnormals(buffer))
+        seen["GSM"] = [subnormal_products_flushed(), subnormals(weight),
+                       subnormals(optimizer.state[weight]["momentum_buffer"])]
+        print(json.dumps(seen))
     """)
-    assert out == "True 0 0"
+    return json.loads(out)
+
+
+def test_set_flush_denormal_alone_misses_the_running_pool(a_running_pool):
+    # The hazard the module exists for: the flag is per thread, so half of the probe stays subnormal.
+    assert a_running_pool["at start"] is False
+    assert a_running_pool["set_flush_denormal"] == [True, None]  # None: flushed on some threads only
+
+
+def test_flush_denormals_reaches_every_thread_of_a_running_pool(a_running_pool):
+    assert a_running_pool["flush_denormals"] == [True, True, 0]
+
+
+def test_flushing_can_be_turned_off_again_on_every_thread(a_running_pool):
+    assert a_running_pool["off again"] == [True, False]
+
+
+def test_gsm_on_cpu_parameters_flushes_every_thread(a_running_pool):
+    assert a_running_pool["GSM"] == [True, 0, 0]
 
 
 @pytest.mark.parametrize("argv, pipeline", [(["gsm/gsm_lottery_ticket_lenet300.py", "60"], "gsm.experiments.lottery.run_lottery"),

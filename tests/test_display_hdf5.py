@@ -1,15 +1,18 @@
-"""Tests for display_hdf5.py, run as a script on a hard-pruned LeNet-300-100 and on unreadable files."""
+"""Tests for display_hdf5.py, its main run in process on a hard-pruned LeNet-300-100 and on unreadable files."""
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import display_hdf5
 from base_model import build_model
 from gsm.pruning import apply_mask_to_weights, global_magnitude_mask
 from gsm.weights_io import save_hdf5
@@ -20,14 +23,18 @@ ARRAY_LINE = re.compile(r"^(\S+)\s+shape=(\([0-9, ]*\))\s+mean=\s*(\S+)\s+std=(\
 
 
 def run_scripts(argument_lists: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
-    """Run the script once per argument list, all at the same time (each start imports torch, which is slow)."""
-    running = {key: subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-               for key, args in argument_lists.items()}
+    """Run the script's main once per argument list in this process (what `python display_hdf5.py ARGS` runs),
+    as (exit status, stdout, stderr); the command line itself is run as a process in test_bad_inputs."""
     results = {}
-    for key, process in running.items():
-        stdout, stderr = process.communicate(timeout=180)
-        results[key] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    for key, args in argument_lists.items():
+        out, err = io.StringIO(), io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
+            patch.setattr(sys, "argv", [str(SCRIPT), *args])
+            try:
+                status = display_hdf5.main(args)
+            except SystemExit as exc:
+                status = exc.code
+        results[key] = subprocess.CompletedProcess([str(SCRIPT), *args], status or 0, out.getvalue(), err.getvalue())
     return results
 
 

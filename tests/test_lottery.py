@@ -2,7 +2,6 @@
 the tickets, skipping and resuming, and the one-line errors for bad input."""
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shutil
@@ -21,11 +20,10 @@ import gsm.experiments.lottery
 import gsm.experiments.pipeline
 from gsm import GSM
 from gsm.experiments import layout
-from gsm.experiments.cli import run_main
 from gsm.experiments.configs import RunOptions
 from gsm.experiments.lottery import LotteryConfig, run_lottery
 from gsm.experiments.train_log import PruneResult
-from script_runs import entries
+from script_runs import call_script, entries, run_script, script_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {net: REPO_ROOT / "gsm" / f"gsm_lottery_ticket_{net}.py" for net in ("lenet300", "lenet5")}
@@ -36,22 +34,6 @@ SMOKE = ["--scale", "0.01", "--device", "cpu", "--no-progress"]
 # global magnitude mask keeps nothing of linear1 and the retrain cannot move any weight).
 EXPECTED = {("lenet300", 60): (4437, 266200), ("lenet5", 125): (3444, 430500), ("lenet300", 5): (53240, 266200)}
 EVAL_RE = re.compile(r" train INFO: (validate at epoch (\d+), .*)$")
-
-
-def script_env(**extra: str) -> dict:
-    """The environment for a script: one thread per process (several share 2 cores), MNIST_PATH unset, and
-    any download attempt refused at once by a proxy on a closed local port (no test waits on a network)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_PATH", "no_proxy", "NO_PROXY")}
-    closed_port = "http://127.0.0.1:9"
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", http_proxy=closed_port, https_proxy=closed_port,
-               HTTP_PROXY=closed_port, HTTPS_PROXY=closed_port)
-    env.update(extra)
-    return env
-
-
-def run_script(net: str, args: list, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPTS[net]), *map(str, args)], cwd=cwd, env=script_env(**env),
-                          capture_output=True, text=True, timeout=300)
 
 
 def exps(out_root: Path) -> Path:
@@ -170,18 +152,15 @@ def test_lenet300_lottery_end_to_end(lenet300_run):
                               gsm.read_hdf5(folders["base"] / layout.FINISH_WEIGHTS)["linear1.weight"])
 
 
-def test_lenet300_second_run_trains_nothing(lenet300_run, mnist_root):
-    out_root, first, first_seconds = lenet300_run
+def test_lenet300_second_run_trains_nothing(lenet300_run, mnist_root, monkeypatch, capsys):
+    out_root, first, _ = lenet300_run
     assert first.returncode == 0, first.stderr
     before = snapshot(out_root)
-    started = time.perf_counter()
-    work = out_root.parents[2]
-    again = run_script("lenet300", ["60", *SMOKE, "--out-root", out_root, "--data-root", mnist_root], cwd=work)
-    seconds = time.perf_counter() - started
-    assert again.returncode == 0, again.stderr
+    status, out, err = call_script("lenet300", ["60", *SMOKE, "--out-root", out_root, "--data-root", mnist_root],
+                                   monkeypatch, capsys)
+    assert status == 0, err
     assert snapshot(out_root) == before  # no file written, rewritten or touched
-    assert "validate at epoch" not in again.stdout and "start training" not in again.stdout
-    print(f"first run {first_seconds:.1f} s, rerun {seconds:.1f} s")
+    assert "validate at epoch" not in out and "start training" not in out
 
 
 def test_released_recipe_has_its_own_gsm_folders(lenet300_run, tmp_path, mnist_root, monkeypatch, capsys,
@@ -206,13 +185,12 @@ def test_released_recipe_has_its_own_gsm_folders(lenet300_run, tmp_path, mnist_r
     assert '"epochs": 280' in (folders["gsm"] / layout.STAGE_CONFIG).read_text()
 
 
-def test_show_log_lists_the_experiments(lenet300_run):
+def test_show_log_lists_the_experiments(lenet300_run, monkeypatch, capsys):
     out_root, first, _ = lenet300_run
     assert first.returncode == 0, first.stderr
-    shown = subprocess.run([sys.executable, str(SHOW_LOG)], cwd=out_root, capture_output=True, text=True,
-                           timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    rows = shown.stdout.splitlines()
+    status, shown, err = call_script("show_log", [out_root], monkeypatch, capsys)
+    assert status == 0, err
+    rows = shown.splitlines()
     names = folder_names("lenet300", 60)
     pruned_name = names["gsm"] + "_pruned"
     assert [row.split()[0] for row in rows] == sorted([*names.values(), pruned_name])
@@ -262,19 +240,6 @@ def test_lenet5_lottery_end_to_end(tmp_path, mnist_root, monkeypatch, capsys, si
 # Each script process spends ~2 CPU-seconds importing torch, so the argument checks run in process through
 # the scripts' own main and run_main (exactly what `python gsm/<script>.py` calls), and a few cases run as
 # real processes to check the exit status and stderr of the script itself.
-
-
-def call_script(net: str, argv: list, monkeypatch, capsys):
-    """(exit status, stdout, stderr) of `python gsm/gsm_lottery_ticket_<net>.py ARGV`, run in process."""
-    module = importlib.import_module(f"gsm.gsm_lottery_ticket_{net}")
-    monkeypatch.setattr(sys, "argv", [str(SCRIPTS[net])])  # argparse and run_main name the script from it
-    capsys.readouterr()
-    try:
-        status = run_main(module.main, [str(a) for a in argv])
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def assert_usage_error(status, out: str, err: str, script: str, message: str):

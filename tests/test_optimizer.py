@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 

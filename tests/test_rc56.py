@@ -1,7 +1,7 @@
-"""Smoke run of gsm/gsm_rc56.py on generated CIFAR-10 files in the real pickle format."""
+"""Smoke run of gsm/gsm_rc56.py on generated CIFAR-10 files in the real pickle format (in this process, through
+the script's own main; as processes where compiled and eager runs are compared side by side)."""
 import pickle
-import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +9,8 @@ import numpy as np
 from crafted import MakesFolder
 from gsm.pruning import sparsity_report
 from gsm.weights_io import read_hdf5
-from script_runs import entries
+from script_runs import call_script, entries, run_script
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_fake_cifar10(root: Path, train_per_file: int = 32, test_count: int = 64) -> Path:
@@ -28,18 +27,13 @@ def write_fake_cifar10(root: Path, train_per_file: int = 32, test_count: int = 6
     return root
 
 
-def run_script(*args, cwd):
-    return subprocess.run([sys.executable, str(REPO / "gsm" / "gsm_rc56.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_rc56_smoke_run_writes_base_gsm_and_a_10x_pruned_model(tmp_path):
+def test_rc56_smoke_run_writes_base_gsm_and_a_10x_pruned_model(tmp_path, monkeypatch, capsys):
     data = write_fake_cifar10(tmp_path / "data")
     out = tmp_path / "out"
     # scale 0.002: 1 base epoch (of 500) and 1 GSM epoch (of 600), 2 iterations each at batch 64.
-    result = run_script("--scale", "0.002", "--device", "cpu", "--data-root", str(data), "--out-root", str(out),
-                        "--no-progress", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    args = ["--scale", "0.002", "--device", "cpu", "--data-root", data, "--out-root", out, "--no-progress"]
+    status, _, err = call_script("rc56", args, monkeypatch, capsys)
+    assert status == 0, err
     base, gsm_dir = out / "gsm_exps" / "rc56_base_train", out / "gsm_exps" / "rc56_gsm"
     assert entries(base) == ["config.json", "finish.hdf5", "init.hdf5", "log.txt"]
     assert entries(gsm_dir) == ["config.json", "finish.hdf5", "finish_pruned.hdf5", "finish_pruned.json",
@@ -57,23 +51,21 @@ def test_rc56_smoke_run_writes_base_gsm_and_a_10x_pruned_model(tmp_path):
     assert [line.split("validate at epoch ")[1].split(",")[0] for line in gsm_log.splitlines()
             if "validate at epoch" in line] == ["0", "1"]
 
-    shown = subprocess.run([sys.executable, str(REPO / "display_hdf5.py"), str(gsm_dir / "finish_pruned.hdf5")],
-                           capture_output=True, text=True, check=True).stdout
-    assert "non-zeros: 85151" in shown and "compression ratio: 10.000" in shown
+    status, shown, _ = call_script("display_hdf5", [gsm_dir / "finish_pruned.hdf5"], monkeypatch, capsys)
+    assert status == 0 and "non-zeros: 85151" in shown and "compression ratio: 10.000" in shown
 
     # Rerunning finds both stages finished and trains nothing.
     logs_before = {p: p.read_text() for p in (base / "log.txt", gsm_dir / "log.txt")}
-    again = run_script("--scale", "0.002", "--device", "cpu", "--data-root", str(data), "--out-root", str(out),
-                       "--no-progress", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    status, _, err = call_script("rc56", args, monkeypatch, capsys)
+    assert status == 0, err
     assert {p: p.read_text() for p in logs_before} == logs_before
 
 
-def test_rc56_usage_errors_exit_2(tmp_path):
+def test_rc56_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
     for args in (["--ratio", "1"], ["--ratio", "abc"], ["--arch", "rc57"], ["--compile", "fast"], ["--bogus"]):
-        result = run_script(*args, "--out-root", str(tmp_path), cwd=tmp_path)
-        assert result.returncode == 2, (args, result.stderr)
-        assert "Traceback" not in result.stderr
+        status, _, err = call_script("rc56", [*args, "--out-root", tmp_path], monkeypatch, capsys)
+        assert status == 2 and "usage: gsm_rc56.py" in err, (args, err)
+        assert "Traceback" not in err
 
 
 def test_compiled_training_matches_eager_training(tmp_path):
@@ -82,8 +74,10 @@ def test_compiled_training_matches_eager_training(tmp_path):
     data = write_fake_cifar10(tmp_path / "data")
     common = ("--arch", "rc20", "--scale", "0.002", "--device", "cpu", "--data-root", str(data), "--no-progress")
     runs = {"eager": (), "compiled": ("--compile", "reduce-overhead")}
-    for name, extra in runs.items():
-        result = run_script(*common, *extra, "--out-root", str(tmp_path / name), cwd=tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # two one-thread processes side by side (compiling takes a while)
+        results = dict(zip(runs, pool.map(lambda name: run_script("rc56", [*common, *runs[name], "--out-root",
+                                                                           tmp_path / name], tmp_path), runs)))
+    for name, result in results.items():
         assert result.returncode == 0, (name, result.stderr[-3000:])
 
     def base_weights(name, file_name):
@@ -100,7 +94,7 @@ def test_compiled_training_matches_eager_training(tmp_path):
         assert "hard-pruned model: kept 27090 of 270896 prunable weights" in log, name
 
 
-def test_crafted_cifar_batch_stops_the_script_without_running_it(tmp_path):
+def test_crafted_cifar_batch_stops_the_script_without_running_it(tmp_path, monkeypatch, capsys):
     """A data_batch_1 whose unpickling would create a folder: the script stops in one line naming the file and
     the variable that chooses the dataset, exit 1, and the folder never appears."""
     data = write_fake_cifar10(tmp_path / "data")
@@ -108,10 +102,10 @@ def test_crafted_cifar_batch_stops_the_script_without_running_it(tmp_path):
     crafted = {b"batch_label": b"x", b"labels": [0], b"data": np.zeros((1, 3072), np.uint8),
                b"extra": MakesFolder(marker)}
     (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(pickle.dumps(crafted, protocol=2))
-    result = run_script("--scale", "0.002", "--device", "cpu", "--data-root", str(data), "--out-root",
-                        str(tmp_path / "out"), "--no-progress", cwd=tmp_path)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
+    status, _, err = call_script("rc56", ["--scale", "0.002", "--device", "cpu", "--data-root", data, "--out-root",
+                                          tmp_path / "out", "--no-progress"], monkeypatch, capsys)
+    assert status == 1
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "data_batch_1" in lines[0] and "refused os.makedirs" in lines[0], lines
     assert "CIFAR10_PATH" in lines[0]
     assert not marker.exists()
