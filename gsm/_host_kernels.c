@@ -508,6 +508,19 @@ static int allocate_call(struct call *c, Py_ssize_t count)
     return 0;
 }
 
+/* The arrays of a call from its `weights`, `grads` and `sizes` arguments into `c` (allocated here; released
+   by release_call, also on failure); their total element count, or -1 with an exception set. */
+static int64_t read_arrays(PyObject *weights, PyObject *grads, PyObject *sizes, struct call *c)
+{
+    memset(c, 0, sizeof *c);
+    Py_ssize_t count = sequence_length(weights, "weights");
+    if (count < 0 || allocate_call(c, count) < 0)
+        return -1;
+    if (read_addresses(weights, count, c->w, "weights", 0) < 0 || read_addresses(grads, count, c->g, "grads", 0) < 0)
+        return -1;
+    return read_sizes(sizes, c);
+}
+
 /* A writable, C-contiguous buffer of float32 ('f') items, or -1 with TypeError. */
 static int float_buffer(PyObject *object, Py_buffer *view, const char *what)
 {
@@ -534,18 +547,13 @@ static PyObject *py_candidates(PyObject *module, PyObject *args)
     long threads;
     if (!PyArg_ParseTuple(args, "OOOfOl:candidates", &weights, &grads, &sizes, &bound, &out, &threads))
         return NULL;
-    Py_ssize_t count = sequence_length(weights, "weights");
-    if (count < 0)
-        return NULL;
     struct call c;
-    if (allocate_call(&c, count) < 0)
-        return NULL;
-    int64_t total;
-    if (read_addresses(weights, count, c.w, "weights", 0) < 0 ||
-        read_addresses(grads, count, c.g, "grads", 0) < 0 || (total = read_sizes(sizes, &c)) < 0) {
+    int64_t total = read_arrays(weights, grads, sizes, &c);
+    if (total < 0) {
         release_call(&c);
         return NULL;
     }
+    Py_ssize_t count = c.count;
     Py_buffer view;
     if (float_buffer(out, &view, "out") < 0) {
         release_call(&c);
@@ -632,16 +640,10 @@ static PyObject *py_update(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOOOOOOl:update", &weights, &grads, &buffers, &sizes, &thresholds, &lrs,
                           &momentums, &decays, &nesterovs, &threads))
         return NULL;
-    Py_ssize_t count = sequence_length(weights, "weights");
-    if (count < 0)
-        return NULL;
     struct call c;
-    if (allocate_call(&c, count) < 0)
-        return NULL;
-    int64_t total;
-    if (read_addresses(weights, count, c.w, "weights", 0) < 0 ||
-        read_addresses(grads, count, c.g, "grads", 0) < 0 ||
-        read_addresses(buffers, count, c.b, "buffers", 1) < 0 || (total = read_sizes(sizes, &c)) < 0 ||
+    int64_t total = read_arrays(weights, grads, sizes, &c);
+    Py_ssize_t count = c.count;
+    if (total < 0 || read_addresses(buffers, count, c.b, "buffers", 1) < 0 ||
         read_setting(thresholds, &c, offsetof(struct update_settings, tau), "thresholds") < 0 ||
         read_setting(lrs, &c, offsetof(struct update_settings, lr), "lrs") < 0 ||
         read_setting(momentums, &c, offsetof(struct update_settings, momentum), "momentums") < 0 ||
