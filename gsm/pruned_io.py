@@ -56,7 +56,10 @@ def save_sparse(model: Union[nn.Module, Mapping[str, Tensor]], path: PathLike,
                 names: Optional[Iterable[str]] = None) -> None:
     """Export a pruned model compressed: for each prunable tensor (`names`; default every parameter of dim > 1)
     the positions of its non-zeros in row-major order (int32, or int64 beyond 2^31 elements) and their values;
-    every other state-dict entry dense. A -0.0 left by the hard prune counts as zero (it comes back as +0.0)."""
+    every other state-dict entry dense. A -0.0 left by the hard prune counts as zero (it comes back as +0.0).
+    A tied weight (state-dict keys that are one tensor, as an output layer tied to the embedding) is stored once,
+    under its first key; the others are listed in the root attribute `tied` as [key, first key] pairs and come
+    back as the same tensor. It is compressed when any of its keys is in `names`."""
     state = unwrap_model(model).state_dict() if isinstance(model, nn.Module) else dict(model)
     if names is None:
         names = prunable_parameters(model).keys() if isinstance(model, nn.Module) else \
@@ -65,12 +68,19 @@ def save_sparse(model: Union[nn.Module, Mapping[str, Tensor]], path: PathLike,
     unknown = sparse - set(state)
     if unknown:
         raise KeyError(f"not in the model: {', '.join(sorted(unknown))}")
+    tied = _tied_keys(state)
+    sparse |= {tied[key] for key in sparse if key in tied}
 
     def write(f: h5py.File) -> None:
         f.attrs["format"] = SPARSE_FORMAT
         f.attrs["keys"] = np.array([stored_name(k) for k in state], dtype=h5py.string_dtype())
+        if tied:
+            f.attrs["tied"] = np.array([[stored_name(k), stored_name(v)] for k, v in tied.items()],
+                                       dtype=h5py.string_dtype())
         dense, compressed = f.create_group("dense"), f.create_group("sparse")
         for key, value in state.items():
+            if key in tied:
+                continue
             array = value.detach().cpu().contiguous().numpy()
             if key not in sparse:
                 dense.create_dataset(stored_name(key), data=array)
@@ -83,6 +93,22 @@ def save_sparse(model: Union[nn.Module, Mapping[str, Tensor]], path: PathLike,
             group.create_dataset("indices", data=positions.astype(index_type))
             group.create_dataset("values", data=flat[positions])
     write_hdf5_atomic(path, write)
+
+
+def _tied_keys(state: Mapping[str, Tensor]) -> Dict[str, str]:
+    """{key: the first key of the same tensor} for every state entry that repeats an earlier one: the same memory,
+    dtype, shape and strides."""
+    first: Dict[tuple, str] = {}
+    tied = {}
+    for key, value in state.items():
+        if value.numel() == 0:
+            continue
+        identity = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if identity in first:
+            tied[key] = first[identity]
+        else:
+            first[identity] = key
+    return tied
 
 
 def load_sparse(path: PathLike, model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
@@ -98,10 +124,13 @@ def load_sparse(path: PathLike, model: Optional[nn.Module] = None) -> Dict[str, 
         entries = _sparse_entries(f, path)
         if target is not None:
             check_fits(path, {key: _declared(entry) for key, entry in entries.items()}, target)
-        arrays = {key: _read_entry(entry, path) for key, entry in entries.items()}
+        read: Dict[int, np.ndarray] = {}  # a tied weight's entry is read once
+        arrays = {key: read[id(entry)] if id(entry) in read else read.setdefault(id(entry), _read_entry(entry, path))
+                  for key, entry in entries.items()}
     if target is not None:
         copy_into(path, target, arrays)
-    return {key: torch.from_numpy(array) for key, array in arrays.items()}
+    tensors: Dict[int, Tensor] = {}  # and comes back as one tensor under each of its keys
+    return {key: tensors.setdefault(id(array), torch.from_numpy(array)) for key, array in arrays.items()}
 
 
 class _Sparse(NamedTuple):
@@ -120,21 +149,56 @@ def _declared(entry: Union[h5py.Dataset, _Sparse]) -> Tuple[Tuple[int, ...], np.
 
 
 def _sparse_entries(f: h5py.File, path: str) -> Dict[str, Union[h5py.Dataset, _Sparse]]:
-    """The entries of an export by key in `keys` order, each in one of `dense` and `sparse`, which hold no more."""
+    """The entries of an export by key in `keys` order, each in one of `dense` and `sparse`, which hold no more,
+    or tied to one that is (the same entry object under both keys)."""
     keys = _stored_keys(f, path)
+    tied = _tied_attribute(f, path, keys)
     dense, sparse = _root_groups(f, path)
     with entry_errors(path):
         dense_names, sparse_names = set(dense.keys()), set(sparse.keys())
     for stored in keys:
-        if (stored in dense_names) == (stored in sparse_names):
+        if stored in tied:
+            if stored in dense_names or stored in sparse_names:
+                raise WeightsFileError(f"{path}: key '{stored}' is tied to '{tied[stored]}' but also stored")
+        elif (stored in dense_names) == (stored in sparse_names):
             where = "both" if stored in dense_names else "neither"
             raise WeightsFileError(f"{path}: key '{stored}' is in {where} of the groups 'dense' and 'sparse'")
     unlisted = sorted((dense_names | sparse_names) - set(keys))
     if unlisted:
         group = "dense" if unlisted[0] in dense_names else "sparse"
         raise WeightsFileError(f"{path}: '{group}/{unlisted[0]}' is not one of the keys the attribute 'keys' lists")
-    return {key_name(stored): checked_dataset(dense, stored, path) if stored in dense_names
-            else _sparse_entry(sparse, stored, path) for stored in keys}
+    entries = {stored: checked_dataset(dense, stored, path) if stored in dense_names
+               else _sparse_entry(sparse, stored, path) for stored in keys if stored not in tied}
+    return {key_name(stored): entries[tied.get(stored, stored)] for stored in keys}
+
+
+def _tied_attribute(f: h5py.File, path: str, keys: List[str]) -> Dict[str, str]:
+    """The root's optional `tied` attribute as {stored key: stored key it repeats}: an (n, 2) array of strings,
+    both of each pair among `keys`, the second one stored (not itself tied), each tied key listed once."""
+    if "tied" not in f.attrs:
+        return {}
+    with entry_errors(path, "attribute 'tied'"):
+        value = read_attribute(f, "tied", path)
+        if not (isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 2
+                and value.dtype.kind in "OSU"):
+            raise WeightsFileError(f"{path}: attribute 'tied' holds {describe_value(value)}, not an (n, 2) array of "
+                                   f"strings")
+        pairs = [[item.decode() if isinstance(item, bytes) else item for item in pair] for pair in value.tolist()]
+    known = set(keys)
+    tied: Dict[str, str] = {}
+    for key, source in pairs:
+        if not (isinstance(key, str) and isinstance(source, str)):
+            raise WeightsFileError(f"{path}: attribute 'tied' holds a pair that is not two strings")
+        for name in (key, source):
+            if name not in known:
+                raise WeightsFileError(f"{path}: attribute 'tied' names '{name}', not one of the keys")
+        if key in tied or key == source:
+            raise WeightsFileError(f"{path}: attribute 'tied' ties '{key}' twice or to itself")
+        tied[key] = source
+    chained = sorted(set(tied.values()) & set(tied))
+    if chained:
+        raise WeightsFileError(f"{path}: attribute 'tied' ties '{chained[0]}', and ties another key to it")
+    return tied
 
 
 def _stored_keys(f: h5py.File, path: str) -> List[str]:

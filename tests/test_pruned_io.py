@@ -8,6 +8,7 @@ import re
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import gsm
 import hdf5_cases as cases
@@ -240,3 +241,70 @@ def test_writers_are_unchanged(tmp_path):
         assert group["indices"].dtype == np.int32 and group["indices"][()].tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     with h5py.File(tmp_path / "m.hdf5", "r") as f:
         assert dict(f.attrs) == {"format": MASK_FORMAT} and all(f[name].dtype == bool for name in f)
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding whose weight is also the output layer's, as language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.hidden = torch.nn.Linear(8, 8)
+        self.lm_head = torch.nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+
+def pruned_tied_model(seed: int = 0) -> TiedLM:
+    torch.manual_seed(seed)
+    model = TiedLM()
+    gsm.apply_mask_to_weights(model, gsm.global_magnitude_mask(model, 0.25))
+    return model
+
+
+def test_tied_weight_is_exported_once_and_loads_tied(tmp_path):
+    model = pruned_tied_model()
+    assert [name for name, _ in model.named_parameters()] == ["embed.weight", "hidden.weight", "hidden.bias"]
+    gsm.save_sparse(model, tmp_path / "s.hdf5")
+    with h5py.File(tmp_path / "s.hdf5", "r") as f:
+        assert list(f.attrs["keys"]) == ["embed.weight", "hidden.weight", "hidden.bias", "lm_head.weight"]
+        assert [list(pair) for pair in f.attrs["tied"]] == [["lm_head.weight", "embed.weight"]]
+        assert list(f["sparse"]) == ["embed.weight", "hidden.weight"] and list(f["dense"]) == ["hidden.bias"]
+        assert f["sparse/embed.weight/values"].shape == (int((model.embed.weight != 0).sum()),)
+    state = gsm.load_sparse(tmp_path / "s.hdf5")
+    assert state["lm_head.weight"] is state["embed.weight"]
+    assert torch.equal(state["embed.weight"], model.embed.weight)
+    fresh = TiedLM()
+    gsm.load_sparse(tmp_path / "s.hdf5", fresh)
+    assert fresh.lm_head.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, model.embed.weight)
+    # A name list that gives only the tied key still compresses the one stored copy.
+    gsm.save_sparse(model, tmp_path / "by_head.hdf5", names=["lm_head.weight"])
+    with h5py.File(tmp_path / "by_head.hdf5", "r") as f:
+        assert list(f["sparse"]) == ["embed.weight"]
+    assert torch.equal(gsm.load_sparse(tmp_path / "by_head.hdf5")["lm_head.weight"], model.embed.weight)
+
+
+@pytest.mark.parametrize("tied, pattern", [
+    ([["lm_head.weight", "nowhere"]], "attribute 'tied' names 'nowhere', not one of the keys"),
+    ([["lm_head.weight", "lm_head.weight"]], "ties 'lm_head.weight' twice or to itself"),
+    ([["lm_head.weight", "embed.weight"], ["lm_head.weight", "hidden.weight"]], "ties 'lm_head.weight' twice"),
+    ([["lm_head.weight", "embed.weight"], ["hidden.weight", "lm_head.weight"]],
+     "ties 'lm_head.weight', and ties another key to it"),
+    ([["hidden.bias", "embed.weight"], ["lm_head.weight", "embed.weight"]],
+     "key 'hidden.bias' is tied to 'embed.weight' but also stored"),
+    (["lm_head.weight"], r"attribute 'tied' holds an array of object of shape \(1,\), not an \(n, 2\) array"),
+    (None, "key 'lm_head.weight' is in neither of the groups"),
+])
+def test_malformed_tied_attribute_is_refused(tmp_path, tied, pattern):
+    path = tmp_path / "s.hdf5"
+    gsm.save_sparse(pruned_tied_model(), path)
+    with h5py.File(path, "r+") as f:
+        if tied is None:
+            del f.attrs["tied"]
+        else:
+            f.attrs["tied"] = np.array(tied, dtype=h5py.string_dtype())
+    model = TiedLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for target in (None, model):
+        with pytest.raises(WeightsFileError, match=pattern):
+            gsm.load_sparse(path, target)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
