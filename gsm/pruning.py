@@ -149,3 +149,51 @@ def sparsity_report(tensors: Union[nn.Module, Mapping[str, Union[Tensor, np.ndar
         nonzeros = int(torch.count_nonzero(t)) if isinstance(t, Tensor) else int(np.count_nonzero(t))
         report.layers.append(LayerDensity(name, int(np.prod(t.shape)), nonzeros))
     return report
+
+
+@dataclass
+class PruneReadiness:
+    """How close a model is to losing nothing in the hard prune, measured against the prune's own kept set (the
+    Q largest magnitudes of the prunable weights): how many of the weights it would remove are still above
+    0.01 and above 1e-3 (GSM drives them towards zero), and the L2 norm of those weights against that of the
+    kept ones."""
+    prunable: int
+    kept: int
+    outside_above_1e_2: int
+    outside_above_1e_3: int
+    removed_norm: float
+    kept_norm: float
+
+    @property
+    def removed(self) -> int:
+        return self.prunable - self.kept
+
+    @property
+    def share_above_1e_2(self) -> float:
+        """The share of the weights the prune removes that are above 0.01."""
+        return self.outside_above_1e_2 / self.removed if self.removed else 0.0
+
+    @property
+    def share_above_1e_3(self) -> float:
+        return self.outside_above_1e_3 / self.removed if self.removed else 0.0
+
+    @property
+    def norm_ratio(self) -> float:
+        """||removed weights|| / ||kept weights||: near 0 when the prune would change little."""
+        return self.removed_norm / self.kept_norm if self.kept_norm else float("inf")
+
+
+@torch.no_grad()
+def prune_readiness(model: nn.Module, optimizer) -> PruneReadiness:
+    """The readiness of `model` for the hard prune of a GSM `optimizer` (its prunable weights and its
+    nonzero_ratio): see PruneReadiness. Reads the weights only; call it at evaluations, not every step."""
+    mask = optimizer.hard_mask(model)
+    params = prunable_parameters(model, mask.keys())
+    outside = [p.detach()[~mask[name].to(p.device)].float().abs() for name, p in params.items()]
+    inside = [p.detach()[mask[name].to(p.device)].float() for name, p in params.items()]
+    def norm(tensors):
+        return float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in tensors]))) if tensors else 0.0
+    return PruneReadiness(prunable=sum(p.numel() for p in params.values()), kept=mask_count(mask),
+                          outside_above_1e_2=int(sum(int((t > 1e-2).sum()) for t in outside)),
+                          outside_above_1e_3=int(sum(int((t > 1e-3).sum()) for t in outside)),
+                          removed_norm=norm(outside), kept_norm=norm(inside))

@@ -200,3 +200,31 @@ def test_sparsity_report_of_a_module_and_edge_cases():
     assert "compression ratio: inf" in empty.format()
     dense = sparsity_report({"w": np.ones((2, 3), dtype=np.float32)})
     assert dense.sparsity == 0.0 and dense.compression_ratio == 1.0
+
+
+def test_prune_readiness_of_a_hand_computed_case():
+    """Ten prunable weights at ratio 0.3: the hard prune keeps the three largest; of the seven it removes, three
+    are above 0.01 and five above 0.001. A 2-D weight in a group that GSM does not rank is not counted."""
+    from gsm import prune_readiness
+
+    model = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(2, 2, bias=False), "frozen": nn.Linear(2, 2)})
+    with torch.no_grad():
+        model["a"].weight.copy_(torch.tensor([[0.5, -0.02, 0.004], [0.0005, -0.3, 0.011]]))
+        model["a"].bias.fill_(5.0)
+        model["b"].weight.copy_(torch.tensor([[-0.2, 0.002], [0.0, -0.0101]]))
+        model["frozen"].weight.fill_(7.0)
+    optimizer = GSM([{"params": [model["a"].weight, model["b"].weight]},
+                     {"params": [model["a"].bias, *model["frozen"].parameters()], "prunable": False}],
+                    lr=0.1, nonzero_ratio=0.3)
+    r = prune_readiness(model, optimizer)
+    assert (r.prunable, r.kept, r.removed) == (10, 3, 7)
+    assert (r.outside_above_1e_2, r.outside_above_1e_3) == (3, 5)
+    assert r.share_above_1e_2 == pytest.approx(3 / 7) and r.share_above_1e_3 == pytest.approx(5 / 7)
+    removed = np.sqrt(0.02 ** 2 + 0.011 ** 2 + 0.0101 ** 2 + 0.004 ** 2 + 0.002 ** 2 + 0.0005 ** 2)
+    assert r.removed_norm == pytest.approx(removed, rel=1e-6)
+    assert r.kept_norm == pytest.approx(np.sqrt(0.5 ** 2 + 0.3 ** 2 + 0.2 ** 2), rel=1e-6)
+    assert r.norm_ratio == pytest.approx(removed / np.sqrt(0.38), rel=1e-6)
+    # After the prune nothing is left outside.
+    apply_mask_to_weights(model, optimizer.hard_mask(model))
+    r = prune_readiness(model, optimizer)
+    assert (r.outside_above_1e_2, r.outside_above_1e_3, r.removed_norm, r.share_above_1e_2) == (0, 0, 0.0, 0.0)
