@@ -8,7 +8,7 @@ import re
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -27,6 +27,14 @@ _EVALUATION_RE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ INFO: "
     rf"validate at epoch (\d+), top1=({_FLOAT}), top5=({_FLOAT}), loss=({_FLOAT})\s*$"
 )
+_STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ INFO: "
+# A GSM stage's lines: its prune readiness at each evaluation, and its hard-pruned copies (gsm.experiments.train_log).
+_READINESS_RE = re.compile(
+    _STAMP + rf"prune readiness at epoch (\d+): (\d+) of (\d+) weights the hard prune removes have \|w\| > 0\.01 "
+    rf"\({_FLOAT}%\), (\d+) > 0\.001 \({_FLOAT}%\); removed/kept norm ({_FLOAT})\s*$")
+_PRUNED_COPY_RE = re.compile(
+    _STAMP + rf"hard-pruned copy at epoch (\d+): kept (\d+) of (\d+), top1=({_FLOAT}), top5=({_FLOAT}), "
+    rf"loss=({_FLOAT})\s*$")
 PRUNED_SUFFIX = "_pruned"
 
 
@@ -38,6 +46,22 @@ class Evaluation:
     top1: float
     top5: float
     loss: float
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """One `prune readiness` line: of the `removed` weights the hard prune would remove at that epoch, how many
+    have |w| above 0.01 and above 0.001, and their L2 norm against that of the kept ones."""
+
+    epoch: int
+    above_1e_2: int
+    removed: int
+    above_1e_3: int
+    norm_ratio: float
+
+    @property
+    def share_above_1e_2(self) -> float:
+        return self.above_1e_2 / self.removed if self.removed else 0.0
 
 
 @dataclass(frozen=True)
@@ -58,16 +82,42 @@ def parse_log(path: Path | str) -> list[Evaluation]:
     unterminated line is a record cut short by a crash (or one being written right now), and its numbers may be
     truncated. Raises OSError when the file cannot be read.
     """
+    return parse_records(path).evaluations
+
+
+@dataclass(frozen=True)
+class Records:
+    """What a log holds: its evaluations, and for a GSM stage its prune readiness and hard-pruned copies (the
+    copies as Evaluations, by epoch)."""
+
+    evaluations: list[Evaluation]
+    readiness: list[Readiness]
+    pruned_copies: list[Evaluation]
+
+
+def parse_records(path: Path | str) -> Records:
+    """Every record of a log in file order, whole lines only (see parse_log)."""
     with open(path, encoding="utf-8", errors="replace") as log:
         text = log.read()
     # Universal newlines turned \r\n and \r into \n; the piece after the last \n is unterminated.
-    evaluations = []
+    records = Records([], [], [])
     for line in text.split("\n")[:-1]:
         match = _EVALUATION_RE.match(line)
         if match is not None:
             epoch, top1, top5, loss = match.groups()
-            evaluations.append(Evaluation(int(epoch), float(top1), float(top5), float(loss)))
-    return evaluations
+            records.evaluations.append(Evaluation(int(epoch), float(top1), float(top5), float(loss)))
+            continue
+        match = _READINESS_RE.match(line)
+        if match is not None:
+            epoch, above_1e_2, removed, above_1e_3, norm_ratio = match.groups()
+            records.readiness.append(Readiness(int(epoch), int(above_1e_2), int(removed), int(above_1e_3),
+                                               float(norm_ratio)))
+            continue
+        match = _PRUNED_COPY_RE.match(line)
+        if match is not None:
+            epoch, _, _, top1, top5, loss = match.groups()
+            records.pruned_copies.append(Evaluation(int(epoch), float(top1), float(top5), float(loss)))
+    return records
 
 
 def summarize(evaluations: Sequence[Evaluation], last: int = LAST_EVALUATIONS) -> Summary:
@@ -115,6 +165,8 @@ class Experiment:
     name: str
     evaluations: list[Evaluation]
     pruned: PruneResult | None
+    readiness: list[Readiness] = field(default_factory=list)
+    pruned_copies: list[Evaluation] = field(default_factory=list)
 
 
 def read_experiments(root: Path) -> list[Experiment]:
@@ -122,12 +174,13 @@ def read_experiments(root: Path) -> list[Experiment]:
     experiments = []
     for log_path in find_logs(root):
         try:
-            evaluations = parse_log(log_path)
+            records = parse_records(log_path)
         except OSError as error:
             print(f"warning: skipping {log_path}: {error.strerror or error}", file=sys.stderr)
             continue
         pruned = PruneResult.load(log_path.parent / layout.PRUNED_RESULT)
-        experiments.append(Experiment(experiment_name(log_path.parent.name), evaluations, pruned))
+        experiments.append(Experiment(experiment_name(log_path.parent.name), records.evaluations, pruned,
+                                      records.readiness, records.pruned_copies))
     return experiments
 
 
@@ -356,6 +409,56 @@ def _draw_curves(ax, net: str, network_curves) -> None:
     ax.set_title(f"{net}: top-1 during training")
 
 
+def _mean_by_epoch(series: Iterable[Iterable[Tuple[int, float]]]) -> Tuple[List[int], List[float]]:
+    """(epochs, mean value at each) over several runs' (epoch, value) points."""
+    by_epoch: Dict[int, List[float]] = defaultdict(list)
+    for points in series:
+        for epoch, value in points:
+            by_epoch[epoch].append(value)
+    epochs = sorted(by_epoch)
+    return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
+
+
+def readiness_curves(per_root: list[list[Experiment]]) -> Dict[str, List[Tuple[str, tuple, tuple, tuple]]]:
+    """{network: [(GSM experiment, soft top-1, hard-pruned copy top-1, share of the removed weights above 0.01)]}
+    for the GSM stages that logged hard-pruned copies, each curve (epochs, values) the mean over the roots."""
+    found: Dict[str, List[Experiment]] = defaultdict(list)
+    for experiments in per_root:
+        for experiment in experiments:
+            if experiment.pruned_copies:
+                found[experiment.name].append(experiment)
+    result: Dict[str, list] = defaultdict(list)
+    for name, runs in found.items():
+        result[network_of(name)].append((
+            name,
+            _mean_by_epoch([(e.epoch, e.top1) for e in run.evaluations] for run in runs),
+            _mean_by_epoch([(e.epoch, e.top1) for e in run.pruned_copies] for run in runs),
+            _mean_by_epoch([(r.epoch, r.share_above_1e_2) for r in run.readiness] for run in runs)))
+    return dict(result)
+
+
+def _draw_readiness(ax, net: str, network_curves) -> None:
+    """Soft (GSM-trained) top-1 as lines, the hard-pruned copies' top-1 as markers of the same colour, and on a
+    second axis the share of the weights the prune would remove that are still above 0.01 (dotted)."""
+    share_ax = ax.twinx()
+    values = []
+    for name, soft, copies, share in network_curves:
+        label = name.replace(f"lottery_{net}_", "")
+        (line,) = ax.plot(*soft, linewidth=1.2, label=f"{label}: GSM-trained")
+        ax.plot(*copies, marker="o", linestyle="--", linewidth=0.8, color=line.get_color(),
+                label=f"{label}: hard-pruned copy")
+        if share[0]:
+            share_ax.plot(share[0], [max(v, 1e-6) for v in share[1]], linestyle=":", color=line.get_color())
+        values += soft[1][-3:] + copies[1]
+    if values:
+        ax.set_ylim(max(0.0, min(values) - 2.0), min(100.0, max(values) + 0.5))
+    share_ax.set_yscale("log")
+    share_ax.set_ylabel("removed weights with |w| > 0.01 (share, dotted)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("epoch")
+    ax.set_title(f"{net}: soft vs hard-pruned during GSM")
+
+
 def _draw_compression(ax, net: str, lines: Dict[str, List[Tuple[float, float]]], base: Optional[float]) -> None:
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
@@ -383,14 +486,18 @@ def base_top1(per_root: list[list[Experiment]], net: str) -> Optional[float]:
 
 def draw(per_root: list[list[Experiment]], path: Path) -> None:
     """Top-1 against epoch, one panel per network (the hard-pruned models marked), then a panel of top-1
-    against compression for each network with several ratios; written to `path` (headless)."""
+    against compression for each network with several ratios, then a panel "soft vs hard-pruned during GSM" for
+    each network whose GSM stages logged hard-pruned copies; written to `path` (headless)."""
     plt = pyplot()
-    by_network, compression = curves(per_root), compression_points(per_root)
-    panels = [("curve", net) for net in by_network] + [("compression", net) for net in compression]
+    by_network, compression, readiness = curves(per_root), compression_points(per_root), readiness_curves(per_root)
+    panels = [("curve", net) for net in by_network] + [("compression", net) for net in compression] + \
+        [("readiness", net) for net in readiness]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
     for ax, (kind, net) in zip(axes[0], panels):
         if kind == "curve":
             _draw_curves(ax, net, by_network[net])
+        elif kind == "readiness":
+            _draw_readiness(ax, net, readiness[net])
         else:
             _draw_compression(ax, net, compression[net], base_top1(per_root, net))
         ax.set_ylabel("top-1 (%)")
@@ -431,7 +538,8 @@ example rows:
     parser.add_argument("--root", type=Path, action="append", default=[], help="a root, as the positional ones")
     parser.add_argument("--plot", type=plot_path, metavar="FILE",
                         help="also draw top-1 against epoch (and against compression where a network has several "
-                             "ratios) into FILE (.png or .pdf)")
+                             "ratios, and soft vs hard-pruned top-1 during GSM where the stages logged it) into FILE "
+                             "(.png or .pdf)")
     return parser
 
 

@@ -414,3 +414,39 @@ def test_ratios_are_listed_by_value(tmp_path: Path, capsys) -> None:
     assert ratios == ["30", "120", "240"]
     assert sorted(["rc56_gsm", "rc110_gsm", "rc20_gsm"], key=show_log.natural_key) == \
         ["rc20_gsm", "rc56_gsm", "rc110_gsm"]
+
+
+def test_readiness_and_hard_pruned_copies_are_read_and_drawn(tmp_path: Path, capsys) -> None:
+    """The lines a GSM stage logs (written here by the trainer's own formatters) come back as numbers, averaged
+    over the roots, and get the panel "soft vs hard-pruned during GSM"."""
+    from gsm import PruneReadiness
+    from gsm.experiments.train_log import format_pruned_copy, format_readiness
+
+    roots = []
+    for seed in range(2):
+        root = lottery_root(tmp_path / f"seed{seed}", {60: (98.28, 98.09, 96.58)})
+        lines = [f"{STAMP}start training\n"]
+        for epoch in range(0, 12, 2):
+            lines.append(eval_line(epoch, 90.0 + epoch + seed, 99.0, 0.1))
+            readiness = PruneReadiness(prunable=266200, kept=4437, outside_above_1e_2=1000 // (epoch + 1) + seed,
+                                       outside_above_1e_3=5000, removed_norm=0.5, kept_norm=10.0)
+            lines.append(f"{STAMP}{format_readiness(epoch, readiness)}\n")
+            if epoch in (6, 10):
+                lines.append(f"{STAMP}{format_pruned_copy(epoch, 4437, 266200, 80.0 + epoch + seed, 95.0, 0.5)}\n")
+        write_log(root / "gsm_lottery_ticket_exps" / "lottery_lenet300_compress60_gsm" / "log.txt", "".join(lines))
+        roots.append(root)
+    records = show_log.parse_records(roots[1] / "gsm_lottery_ticket_exps" / "lottery_lenet300_compress60_gsm" /
+                                     "log.txt")
+    assert [(r.epoch, r.above_1e_2, r.removed, r.above_1e_3, r.norm_ratio) for r in records.readiness][:2] == [
+        (0, 1001, 261763, 5000, 0.05), (2, 334, 261763, 5000, 0.05)]
+    assert [(e.epoch, e.top1, e.loss) for e in records.pruned_copies] == [(6, 87.0, 0.5), (10, 91.0, 0.5)]
+    curves = show_log.readiness_curves([show_log.read_experiments(root) for root in roots])
+    [(name, soft, copies, share)] = curves["lenet300"]
+    assert name == "lottery_lenet300_compress60_gsm"
+    assert soft == ([0, 2, 4, 6, 8, 10], [90.5, 92.5, 94.5, 96.5, 98.5, 100.5])
+    assert copies == ([6, 10], [86.5, 90.5])
+    assert share[0] == [0, 2, 4, 6, 8, 10] and share[1][0] == pytest.approx(1000.5 / 261763)
+    plot = tmp_path / "readiness.png"
+    assert main([str(root) for root in roots] + ["--plot", str(plot)]) == 0
+    assert png_size(plot) == (2 * 640, 460)  # the curves, then soft vs hard-pruned
+    capsys.readouterr()

@@ -484,9 +484,72 @@ def test_tensorboard_scalars_once_per_epoch_also_after_a_resume(mnist_loaders, t
     for tag in ("train/loss", "train/lr", "train/seconds", "gsm/active", "gsm/threshold"):
         assert steps[tag] == [0, 1, 2, 3], tag
     assert steps["test/top1"] == steps["test/top5"] == steps["test/loss"] == [0, 2, 4]  # epoch 2: once
+    for tag in ("readiness/removed_above_1e_2", "readiness/share_above_1e_2", "readiness/share_above_1e_3",
+                "readiness/removed_kept_norm"):
+        assert steps[tag] == [0, 2, 4], tag
+    assert steps["pruned_copy/top1"] == steps["pruned_copy/loss"] == [3, 4]  # at the lr drop and the end
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(folder))
     accumulator.Reload()
     active = [event.value for event in accumulator.Scalars("gsm/active")]
     assert all(value >= int(0.1 * 266200) for value in active)  # the GSM count, Q = 26620 at least
+
+
+READINESS_RE = re.compile(r" train INFO: prune readiness at epoch (\d+): (\d+) of (\d+) weights the hard prune "
+                          r"removes have \|w\| > 0\.01 \(\S+%\), (\d+) > 0\.001 \(\S+%\); removed/kept norm (\S+)$")
+COPY_RE = re.compile(r" train INFO: hard-pruned copy at epoch (\d+): kept (\d+) of (\d+), top1=(\S+), top5=(\S+), "
+                     r"loss=(\S+)$")
+
+
+def test_gsm_stage_logs_readiness_and_hard_pruned_copies(mnist_loaders, tmp_path):
+    """Readiness at every evaluation and a hard-pruned copy at the lr drop and the end; the last ones are those of
+    the finished weights, and the copy leaves the trained model untouched."""
+    train, test = mnist_loaders
+    config = TrainConfig(epochs=4, batch_size=64, lr=0.02, lr_drop_epochs=(3,), momentum=0.9, weight_decay=5e-4,
+                         nesterov=True, optimizer="gsm", nonzero_ratio=0.1)
+    folder = tmp_path / "gsm"
+    model = fresh_lenet300()
+    train_stage(model, folder, config, train, test, stage_config=STAGE, progress=False)
+    lines = (folder / layout.LOG).read_text().splitlines()
+    readiness = [m.groups() for m in map(READINESS_RE.search, lines) if m]
+    copies = [m.groups() for m in map(COPY_RE.search, lines) if m]
+    assert [int(r[0]) for r in readiness] == [0, 2, 4] and [int(c[0]) for c in copies] == [3, 4]
+    finished = fresh_lenet300()
+    gsm.load_hdf5(folder / layout.FINISH_WEIGHTS, finished)
+    assert_same_weights(weights(model), weights(finished))  # the copies changed nothing
+    optimizer = gsm.GSM(gsm.param_groups(finished, 5e-4), lr=0.02, nonzero_ratio=0.1)
+    expected = gsm.prune_readiness(finished, optimizer)
+    epoch, above_1e_2, removed, above_1e_3, norm_ratio = readiness[-1]
+    assert (int(above_1e_2), int(removed), int(above_1e_3)) == (
+        expected.outside_above_1e_2, expected.removed, expected.outside_above_1e_3)
+    assert float(norm_ratio) == pytest.approx(expected.norm_ratio, rel=1e-5)
+    assert expected.removed == 266200 - 26620 and 0 < expected.outside_above_1e_3 < expected.removed
+    mask = optimizer.hard_mask(finished)
+    gsm.apply_mask_to_weights(finished, mask)
+    top1, top5, loss = evaluate(finished, test)
+    assert copies[-1][1:] == (str(gsm.mask_count(mask)), "266200", f"{top1:.5f}", f"{top5:.5f}", f"{loss:.6f}")
+
+    # Every epoch, or never; an SGD stage logs neither.
+    for every, expected_epochs in ((1, [1, 2, 3, 4]), (0, [])):
+        other = tmp_path / f"every{every}"
+        train_stage(fresh_lenet300(), other, config, train, test, stage_config=STAGE, progress=False,
+                    eval_pruned_every=every)
+        lines = (other / layout.LOG).read_text().splitlines()
+        assert [int(m.group(1)) for m in map(COPY_RE.search, lines) if m] == expected_epochs
+    train_stage(fresh_lenet300(), tmp_path / "sgd", SMALL, train, test, stage_config=STAGE, progress=False)
+    text = (tmp_path / "sgd" / layout.LOG).read_text()
+    assert "prune readiness" not in text and "hard-pruned copy" not in text
+
+
+def test_pruned_copy_epochs():
+    from gsm.experiments.trainer import pruned_copy_epochs
+
+    paper = gsm_config(LENET_GSM["paper"], 60)
+    assert pruned_copy_epochs(paper, None) == {160, 200, 240}
+    assert pruned_copy_epochs(paper.scaled(0.05), None) == {8, 10, 12}
+    assert pruned_copy_epochs(paper, 50) == {50, 100, 150, 200, 240}
+    assert pruned_copy_epochs(paper, 0) == set()
+    assert pruned_copy_epochs(paper.scaled(0.001), None) == {1}  # drops scaled to epoch 0 fall away
+    with pytest.raises(ValueError, match=">= 0"):
+        pruned_copy_epochs(paper, -1)

@@ -62,6 +62,20 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default="",
                         help="dataset root (default: $MNIST_PATH / $CIFAR10_PATH, else ./data)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--eval-pruned-every", type=non_negative_int, metavar="K",
+                        help="during GSM, evaluate a hard-pruned copy of the model (never trained) every K epochs "
+                             "and at the end; 0: never (default: at the lr drops and the end)")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunOptions:
@@ -74,7 +88,8 @@ def run_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ru
         parser.error("--device: CUDA is not available on this machine; use --device cpu")
     check_writable(args.out_root, parser)
     return RunOptions(scale=args.scale, device=str(device), seed=args.seed, out_root=args.out_root,
-                      data_root=args.data_root, progress=not args.no_progress)
+                      data_root=args.data_root, progress=not args.no_progress,
+                      eval_pruned_every=args.eval_pruned_every)
 
 
 def check_writable(folder: str, parser: argparse.ArgumentParser) -> None:

@@ -91,3 +91,4 @@ class RunOptions:
     out_root: str = "."
     data_root: str = ""  # empty: the dataset module's MNIST_PATH / CIFAR10_PATH
     progress: bool = True  # tqdm bars (shown only on a terminal)
+    eval_pruned_every: Optional[int] = None  # GSM stages: epochs between hard-pruned copies; None: at the lr drops

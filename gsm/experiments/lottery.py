@@ -91,6 +91,7 @@ def _run_ratio(model: torch.nn.Module, ratio: float, folders: Dict[str, Path], c
     # 2. Masks: magnitude from the base result; GSM from GSM training that starts at the base result.
     magnitude_mask = global_magnitude_mask(model, 1.0 / ratio)
     gsm_mask = gsm_stage(model, folders["gsm"], gsm_train_config, *loaders, progress=opts.progress,
+                         eval_pruned_every=opts.eval_pruned_every,
                          stage_config=stage_config("gsm", config.net, opts.seed, gsm_train_config, base=base_config,
                                                    recipe=config.recipe))
 

@@ -1,6 +1,6 @@
 """Stages shared by the experiments: GSM training followed by the hard prune, and ticket retraining."""
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 from torch import Tensor, nn
 
@@ -21,13 +21,13 @@ ALIVE_MAGNITUDE = 0.01
 
 def gsm_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader, test_loader, *,
               stage_config: Dict[str, Any], writer: bool = True, progress: bool = True,
-              amp: bool = False) -> Dict[str, Tensor]:
+              amp: bool = False, eval_pruned_every: Optional[int] = None) -> Dict[str, Tensor]:
     """GSM-train `model` from its current weights, then hard-prune it by global magnitude to
     `finish_pruned.hdf5`, evaluate the pruned model, and record the result (`finish_pruned.json`, and a log line
     for people). Leaves the pruned weights in `model` and returns the hard mask {name: bool}. Each part is
-    skipped when already done: the stage is done when both files exist."""
+    skipped when already done: the stage is done when both files exist. `eval_pruned_every`: see train_stage."""
     train_stage(model, folder, config, train_loader, test_loader, stage_config=stage_config, writer=writer,
-                progress=progress, amp=amp)
+                progress=progress, amp=amp, eval_pruned_every=eval_pruned_every)
     plain = unwrap_model(model)
     mask = global_magnitude_mask(plain, config.nonzero_ratio)
     prunable = prunable_parameters(plain).values()

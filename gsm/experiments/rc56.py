@@ -73,7 +73,7 @@ def _run(config: ResNetConfig, context) -> Dict[str, str]:
                         stage_config=stage_config("base", config.arch, opts.seed, base_config), **stage_options)
         gsm_stage(model, folders["gsm"], gsm_train_config, train_loader, test_loader,
                   stage_config=stage_config("gsm", config.arch, opts.seed, gsm_train_config, base=base_config),
-                  **stage_options)
+                  eval_pruned_every=opts.eval_pruned_every, **stage_options)
     finally:
         if own_lock is not None:
             own_lock.release()

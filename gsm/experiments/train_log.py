@@ -18,6 +18,20 @@ def format_evaluation(epoch: int, top1: float, top5: float, loss: float) -> str:
     return f"validate at epoch {epoch}, top1={top1:.5f}, top5={top5:.5f}, loss={loss:.6f}"
 
 
+def format_readiness(epoch: int, readiness) -> str:
+    """A GSM stage's prune readiness (gsm.PruneReadiness) as one log line."""
+    r = readiness
+    return (f"prune readiness at epoch {epoch}: {r.outside_above_1e_2} of {r.removed} weights the hard prune removes "
+            f"have |w| > 0.01 ({100 * r.share_above_1e_2:.4f}%), {r.outside_above_1e_3} > 0.001 "
+            f"({100 * r.share_above_1e_3:.4f}%); removed/kept norm {r.norm_ratio:.6g}")
+
+
+def format_pruned_copy(epoch: int, kept: int, prunable: int, top1: float, top5: float, loss: float) -> str:
+    """The evaluation of a hard-pruned copy taken during a GSM stage, as one log line."""
+    return (f"hard-pruned copy at epoch {epoch}: kept {kept} of {prunable}, "
+            f"top1={top1:.5f}, top5={top5:.5f}, loss={loss:.6f}")
+
+
 class StageLog:
     """Appends timestamped lines to a log file and echoes them to the console (above any progress bar).
     A log with `path=None` only echoes (used on non-writing ranks, where `echo` is False too)."""

@@ -1,10 +1,11 @@
 """One training stage: the lr schedule, parameter groups, evaluation, logging, checkpoints and resume."""
+import copy
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,9 @@ from gsm.experiments.checkpoint import CheckpointError, load_checkpoint, remove_
 from gsm.experiments.configs import TrainConfig
 from gsm.experiments.lr_schedule import learning_rate
 from gsm.experiments.multi_gpu import all_reduce_mean, barrier
-from gsm.experiments.train_log import StageEvents, StageLog, format_evaluation
+from gsm.experiments.train_log import StageEvents, StageLog, format_evaluation, format_pruned_copy, format_readiness
 from gsm.optimizer import GSM
+from gsm.pruning import apply_mask_to_weights, mask_count, prune_readiness
 from gsm.param_groups import param_groups as public_param_groups
 from gsm.weights_io import WeightsFileError, load_hdf5, save_hdf5
 from gsm.wrappers import unwrap_model
@@ -138,7 +140,8 @@ def _restore(checkpoint: Dict[str, Any], path: Path, model: nn.Module,
 
 def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loader, test_loader, *,
                 stage_config: Dict[str, Any], grad_mask: Optional[Mapping[str, Tensor]] = None,
-                writer: bool = True, progress: bool = True, amp: bool = False) -> str:
+                writer: bool = True, progress: bool = True, amp: bool = False,
+                eval_pruned_every: Optional[int] = None) -> str:
     """Train `model` in place for one stage, from its current weights, writing into `folder`.
 
     A finished stage (finish.hdf5 present) is loaded and skipped; an interrupted one resumes from its last
@@ -147,6 +150,9 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
     step so that pruned weights stay zero. Only a `writer` (rank 0) writes files; under torchrun every
     rank calls this with the DDP-wrapped model. `amp` runs forward passes under bf16 autocast. Inside an
     iteration nothing waits for the device except the progress bar's loss readout every 25 iterations.
+    A GSM stage also logs its prune readiness at each evaluation (gsm.prune_readiness), and evaluates a
+    hard-pruned copy of the model (never trained) every `eval_pruned_every` epochs (0: never), by default at
+    the lr drops, and at the end.
     Returns 'skipped', 'resumed' or 'trained'.
     """
     folder = Path(folder)
@@ -159,12 +165,15 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
         raise ValueError(f"the training set is smaller than one batch of {config.batch_size}")
     stage = _Stage(model, build_optimizer(model, config), folder, config, stage_config, writer, len(train_loader),
                    StageLog(folder / layout.LOG if writer else None, echo=writer))
+    stage.pruned_epochs = pruned_copy_epochs(config, eval_pruned_every)
     start_epoch, outcome = _start_or_resume(stage)
     stage.events = StageEvents(folder if writer else None, purge_step=start_epoch)
     mask_pairs = _mask_list(model, grad_mask)
     for epoch in range(start_epoch, config.num_epochs):
         if epoch % 2 == 0:
             stage.evaluate(epoch, test_loader)
+        if epoch in stage.pruned_epochs:
+            stage.evaluate_pruned_copy(epoch, test_loader)
         started = time.perf_counter()
         with tqdm(total=stage.iters_per_epoch, desc=f"{folder.name} {epoch + 1}/{config.num_epochs}", leave=False,
                   disable=not (progress and writer) or None, dynamic_ncols=True) as bar:
@@ -172,6 +181,8 @@ def train_stage(model: nn.Module, folder: Path, config: TrainConfig, train_loade
                                  grad_mask=mask_pairs, bar=bar)
         _end_epoch(stage, epoch, losses, time.perf_counter() - started)
     stage.evaluate(config.num_epochs, test_loader)
+    if config.num_epochs in stage.pruned_epochs:
+        stage.evaluate_pruned_copy(config.num_epochs, test_loader)
     stage.events.close()
     if writer:
         save_hdf5(model, folder / layout.FINISH_WEIGHTS)
@@ -192,6 +203,7 @@ class _Stage:
     iters_per_epoch: int
     log: StageLog
     events: Optional[StageEvents] = None
+    pruned_epochs: FrozenSet[int] = frozenset()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -203,9 +215,43 @@ class _Stage:
                              self.config.drop_iters(self.iters_per_epoch))
 
     def evaluate(self, epoch: int, test_loader) -> None:
+        """Evaluate the model; in a GSM stage, also log how ready it is for the hard prune."""
         top1, top5, loss = evaluate(self.model, test_loader)
         self.log.info(format_evaluation(epoch, top1, top5, loss))
         self.events.scalars(epoch, test__top1=top1, test__top5=top5, test__loss=loss)
+        if isinstance(self.optimizer, GSM) and self.writer:
+            readiness = prune_readiness(self.model, self.optimizer)
+            self.log.info(format_readiness(epoch, readiness))
+            self.events.scalars(epoch, readiness__removed_above_1e_2=readiness.outside_above_1e_2,
+                                readiness__share_above_1e_2=readiness.share_above_1e_2,
+                                readiness__share_above_1e_3=readiness.share_above_1e_3,
+                                readiness__removed_kept_norm=readiness.norm_ratio)
+
+    def evaluate_pruned_copy(self, epoch: int, test_loader) -> None:
+        """In a GSM stage, evaluate a copy of the model hard-pruned now (the model itself is untouched)."""
+        if not (isinstance(self.optimizer, GSM) and self.writer):
+            return
+        plain = unwrap_model(self.model)
+        mask = self.optimizer.hard_mask(plain)
+        pruned = copy.deepcopy(plain)
+        apply_mask_to_weights(pruned, mask)
+        top1, top5, loss = evaluate(pruned, test_loader)
+        del pruned
+        self.log.info(format_pruned_copy(epoch, mask_count(mask), self.optimizer.num_prunable, top1, top5, loss))
+        self.events.scalars(epoch, pruned_copy__top1=top1, pruned_copy__top5=top5, pruned_copy__loss=loss)
+
+
+def pruned_copy_epochs(config: TrainConfig, every: Optional[int]) -> FrozenSet[int]:
+    """The epochs (0-based, before the epoch trains; num_epochs is the end) at which a GSM stage evaluates a
+    hard-pruned copy: every `every` epochs (0: none), or by default at each lr drop; always at the end."""
+    end = config.num_epochs
+    if every is None:
+        epochs = {round(e * config.scale) for e in config.lr_drop_epochs}
+    elif every < 0:
+        raise ValueError(f"eval_pruned_every must be >= 0, got {every}")
+    else:
+        epochs = set(range(every, end, every)) if every else set()
+    return frozenset({e for e in epochs if 0 < e < end} | ({end} if every != 0 else set()))
 
 
 def _skip_finished(model: nn.Module, folder: Path, stage_config: Dict[str, Any], writer: bool) -> str:
