@@ -105,6 +105,25 @@ def test_wrapped_models_give_plain_names():
     assert optimizer.prunable_names(wrapped) == ["linear1.weight", "linear2.weight", "linear3.weight"]
 
 
+def test_wrapped_optimizers_give_the_gsm_inside():
+    """What accelerate's AcceleratedOptimizer (an Optimizer subclass) and Lightning's wrapper look like from
+    outside: the optimizer they wrap as `.optimizer`."""
+    model = build_model("lenet300")
+    optimizer = GSM(model.parameters(), lr=0.1, nonzero_ratio=0.1)
+
+    class AcceleratedLike(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    class Plain:
+        optimizer = "not an optimizer"
+
+    assert gsm.unwrap_optimizer(AcceleratedLike(AcceleratedLike(optimizer))) is optimizer
+    assert gsm.unwrap_optimizer(optimizer) is optimizer
+    plain = Plain()
+    assert gsm.unwrap_optimizer(plain) is plain
+
+
 def test_mask_file_round_trip_and_format(tmp_path):
     torch.manual_seed(0)
     model = build_model("lenet5")
