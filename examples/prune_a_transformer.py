@@ -467,6 +467,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--corpus", help="folder of .py files (default: this Python's standard library)")
     parser.add_argument("--prune-embeddings", action="store_true",
                         help="rank the token and position embeddings too (the token embedding is the tied output)")
+    parser.add_argument("--width", type=int, default=Config.width, help="model width (default: %(default)s)")
+    parser.add_argument("--depth", type=int, default=Config.depth, help="transformer blocks (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--summarize", nargs="+", metavar="ROOT",
@@ -487,6 +489,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if not all(ratio > 1 for ratio in args.ratios) or not args.scale > 0:
         parser.error("every ratio must be > 1 and --scale > 0")
+    if args.depth < 1 or args.width < Config.heads or args.width % Config.heads:
+        parser.error(f"--depth must be >= 1 and --width a multiple of the {Config.heads} heads")
     if args.threads:
         torch.set_num_threads(args.threads)
     gsm.flush_denormals()
@@ -496,6 +500,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"({corpus.validation.numel():,} bytes)")
     defaults = Config()
     config = Config(**{**asdict(defaults),
+                       "width": args.width, "depth": args.depth,
                        "dense_steps": max(1, round(defaults.dense_steps * args.scale)),
                        "prune_steps": max(1, round(defaults.prune_steps * args.scale)),
                        "evaluate_every": max(1, round(defaults.evaluate_every * min(1.0, args.scale * 4)))})
