@@ -243,7 +243,8 @@ class _Stage:
 
 def pruned_copy_epochs(config: TrainConfig, every: Optional[int]) -> FrozenSet[int]:
     """The epochs (0-based, before the epoch trains; num_epochs is the end) at which a GSM stage evaluates a
-    hard-pruned copy: every `every` epochs (0: none), or by default at each lr drop; always at the end."""
+    hard-pruned copy: every `every` epochs, or by default at each lr drop, and at the end; none when `every` is
+    0."""
     end = config.num_epochs
     if every is None:
         epochs = {round(e * config.scale) for e in config.lr_drop_epochs}
