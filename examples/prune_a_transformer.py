@@ -19,6 +19,9 @@ pruned. A tied weight is one parameter, ranked once.
 Writes, under --out-root, transformer_exps/dense/finish.hdf5, and per ratio
 transformer_exps/compress<R>_{gsm,magnitude}/ with finish.hdf5 (the pruned model), mask.hdf5 and
 finish_pruned_sparse.hdf5 (the compressed export), plus transformer_exps/results.json with every curve and figure.
+Each arm's folder also gets its result.json when it finishes, so the same command, run again after an
+interruption, trains only the arms not yet done. --summarize ROOT... prints the table over several roots (seeds)
+and --plot draws it.
 """
 import argparse
 import copy
