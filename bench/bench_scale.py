@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from bench_pipeline import cpu_model  # this folder's scripts import each other when run from it
 from gsm import GSM
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -150,18 +150,6 @@ def measure(size: float, ratio: float, args: argparse.Namespace) -> Dict[str, Di
     for name, value in peak.items():
         result[name]["peak_bytes"] = value
     return result
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), for the figures' record."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
