@@ -125,8 +125,11 @@ def load_sparse(path: PathLike, model: Optional[nn.Module] = None) -> Dict[str, 
         if target is not None:
             check_fits(path, {key: _declared(entry) for key, entry in entries.items()}, target)
         read: Dict[int, np.ndarray] = {}  # a tied weight's entry is read once
-        arrays = {key: read[id(entry)] if id(entry) in read else read.setdefault(id(entry), _read_entry(entry, path))
-                  for key, entry in entries.items()}
+        arrays = {}
+        for key, entry in entries.items():
+            if id(entry) not in read:
+                read[id(entry)] = _read_entry(entry, path)
+            arrays[key] = read[id(entry)]
     if target is not None:
         copy_into(path, target, arrays)
     tensors: Dict[int, Tensor] = {}  # and comes back as one tensor under each of its keys
