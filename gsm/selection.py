@@ -1,6 +1,7 @@
 """GSM's selection: the metric |w * g|, its exact global Q-th largest value, and which elements reach it."""
 import math
 import numbers
+import sys
 from collections import deque
 from typing import Callable, Deque, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -147,6 +148,61 @@ def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: S
 # The bit pattern of a NaN float32 one above +inf's (0x7f800000): the one value of every NaN metric.
 _ONE_NAN = 0x7F800001
 
+HIGH_BUCKETS, LOW_BUCKETS = 1 << 15, 1 << 16  # the sign bit of a metric is 0: its high half is below 2^15
+Reduce = Callable[[Tensor], None]
+
+
+def _halves(bits: Tensor) -> Tuple[Tensor, Tensor]:
+    """The high and low 16 bits of each int32 of the 1-D `bits`, as int16 views (no copy): non-negative highs,
+    lows whose sign bit is their top bit."""
+    pairs = bits.view(torch.int16).view(-1, 2)
+    return (pairs[:, 1], pairs[:, 0]) if sys.byteorder == "little" else (pairs[:, 0], pairs[:, 1])
+
+
+def _count(index: Tensor, size: int, weights: Optional[Tensor] = None) -> Tensor:
+    """How many times each value in [0, size) occurs in the integer tensor `index` (int64 counts): bincount on
+    the CPU, a scatter-add elsewhere and when compiled (bincount sizes its result from the data, which would
+    wait for the device)."""
+    if index.is_cpu and not torch.compiler.is_compiling():
+        return torch.bincount(index, minlength=size)
+    counts = torch.zeros(size, dtype=torch.int64, device=index.device)
+    ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.shape)
+    return counts.index_add_(0, index.to(torch.int32), ones)
+
+
+def _rank_in(counts: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    """(the bucket that holds the k-th largest element of a histogram, and that element's rank inside its bucket),
+    both 0-d tensors, found without leaving the device."""
+    from_top = counts.flip(0).cumsum(0)
+    position = torch.searchsorted(from_top, k.view(1)).clamp_(max=counts.numel() - 1)
+    above = from_top[position] - counts.flip(0)[position]
+    return (counts.numel() - 1 - position).view(()), (k - above).view(())
+
+
+def kth_largest_bits(bits: Tensor, k: int, reduce: Optional[Reduce] = None) -> Tensor:
+    """The exact k-th largest (k >= 1) of the 1-D int32 tensor `bits`, the bit patterns of non-negative float32
+    metrics (NaNs made `_ONE_NAN`), as a 0-d int32 tensor on its device: a radix select in two rounds, each
+    counting the elements by 16 of their bits (the high half, then the low half of those in the chosen bucket).
+    No host synchronisation on a device, fixed shapes (torch.compile traces it whole) and no copy of the
+    elements beyond an index per element. `reduce(counts)`, if given, sums a round's counts over the ranks that
+    hold the other elements (an all-reduce, of a size independent of theirs), so that k ranks them all."""
+    high, low = _halves(bits)
+    target = torch.full((), k, dtype=torch.int64, device=bits.device)
+    counts = _count(high, HIGH_BUCKETS)
+    if reduce is not None:
+        reduce(counts)
+    bucket, rank = _rank_in(counts, target)
+    in_bucket = high == bucket
+    if bits.is_cpu and not torch.compiler.is_compiling():  # the few elements of the bucket, then their lows
+        lows = _count(low[in_bucket].to(torch.int32) & 0xFFFF, LOW_BUCKETS)
+    else:  # every element, those outside the bucket counted in one extra bucket that is dropped
+        index = torch.where(in_bucket, low.to(torch.int32) & 0xFFFF, LOW_BUCKETS)
+        lows = _count(index, LOW_BUCKETS + 1)[:LOW_BUCKETS]
+    if reduce is not None:
+        reduce(lows)
+    low_bucket, _ = _rank_in(lows, rank)
+    return (bucket.to(torch.int32) << 16) | low_bucket.to(torch.int32)
+
 
 class Selection(NamedTuple):
     """One step's selection: `threshold`, tau as a 0-d tensor (None when k == 0). Generic path: `masked_grads`,
@@ -249,7 +305,7 @@ class GlobalSelection:
         # Ranked by bit pattern, which orders non-negative floats as numbers and puts every NaN above +inf; the
         # NaNs, whatever their payload, made one value so that they tie as topk's do.
         bits = metric.view(torch.int32).clamp_(max=_ONE_NAN)
-        threshold_bits = bits.topk(k, sorted=False).values.min()
+        threshold_bits = kth_largest_bits(bits, k)
         mask = bits >= threshold_bits
         threshold = threshold_bits.view(torch.float32)
         if len({g.dtype for g in grads}) > 1:  # mixed dtypes: the mask tensor by tensor

@@ -296,7 +296,7 @@ class Path:
 @pytest.fixture(params=["host", "generic", "cuda"])
 def selection_path(request, monkeypatch) -> Path:
     """Each selection path: the host path on the CPU (the compiled kernels); the generic path (multi-tensor
-    kernels, topk, no threshold hint) chosen on the CPU with fused=False, as a CPU without the kernels runs
+    kernels, a radix select, no threshold hint) chosen on the CPU with fused=False, as a CPU without the kernels runs
     it; and on a CUDA device where one exists (cuDNN made deterministic, so that two copies of a model get the
     same gradients)."""
     if request.param == "cuda":
@@ -323,7 +323,8 @@ def test_both_selection_paths_match_brute_force(make_model, momentum, weight_dec
                                      steps=30, device=selection_path.device, fused=selection_path.fused)
     assert opt.last_step_fused is selection_path.host
     if not selection_path.host:
-        # The optimizer searched the whole metric with topk every step, never with the host's bounded search.
+        # The optimizer ranked the whole metric with the radix select every step, never with the host's bounded
+        # search.
         assert not search_log
 
 
@@ -743,9 +744,10 @@ class CountComputingOps(TorchDispatchMode):
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_accelerator_step_is_a_few_kernels_whatever_the_depth(memory_format):
-    """Off the host (here the meta device: shapes only), a GSM step is a fixed handful of operations: the
-    metric, the selection, the mask and the update each take one or a few multi-tensor kernels, for 20 layers
-    as for 110, channels_last weights included (no per-parameter copies)."""
+    """Off the host (here the meta device: shapes only), a GSM step is a fixed number of operations: the
+    metric, the mask and the update each take one or a few multi-tensor kernels, and the selection two rounds
+    of a radix select (about 40 operations, most of them on its 2^15 and 2^16 counters), for 20 layers as for
+    110, channels_last weights included (no per-parameter copies)."""
     counts = {}
     for name in ("rc20", "rc110"):
         model = build_model(name).to("meta").to(memory_format=memory_format)
@@ -756,7 +758,7 @@ def test_accelerator_step_is_a_few_kernels_whatever_the_depth(memory_format):
         with CountComputingOps() as ops:
             opt.step()
         counts[name] = ops.count
-    assert counts["rc20"] == counts["rc110"] <= 16, counts
+    assert counts["rc20"] == counts["rc110"] <= 60, counts
 
 
 def partition_select(values: np.ndarray, count: int, k: int) -> np.float32:
