@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from gsm.wrappers import unwrap_model
-from gsm import host_kernels
+from gsm import host_kernels, sharded
 from gsm.denormals import flush_denormals
 from gsm.pruning import global_magnitude_mask
 from gsm.selection import GlobalSelection, Selection, check_nonzero_ratio, keep_count
@@ -28,24 +28,14 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _refuse_sharded(p: Tensor) -> None:
-    """GSM ranks every prunable element of the model against one global threshold, so each rank must hold
-    whole parameters: a parameter sharded over ranks (FSDP's flat parameters, DTensors as FSDP2 makes them)
-    would be ranked per shard. Refused with a ValueError."""
-    kind = None
+def _refuse_flat(p: Tensor) -> None:
+    """FSDP1's flat parameters concatenate parts of many parameters, padded, in one tensor per rank: GSM cannot
+    tell which elements are prunable or rank them with the other ranks' elements. Refused with a ValueError
+    (FSDP2's DTensor parameters are ranked over all ranks: `gsm.sharded`)."""
     if getattr(p, "_is_flat_param", False):
-        kind = "an FSDP flat parameter"
-    else:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # torch without distributed support
-            DTensor = None
-        if DTensor is not None and isinstance(p, DTensor):
-            kind = "a DTensor"
-    if kind is not None:
-        raise ValueError(f"GSM cannot optimise {kind}: its global ranking needs whole parameters on every rank, "
-                         f"and a sharded parameter would be ranked shard by shard. Train with "
-                         f"DistributedDataParallel (gradients are averaged before GSM ranks them)")
+        raise ValueError("GSM cannot optimise an FSDP flat parameter: its global ranking needs whole parameters "
+                         "or DTensor shards. Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard), or "
+                         "train with DistributedDataParallel (gradients are averaged before GSM ranks them)")
 
 
 def _refuse_shared_memory(params: List[Tensor]) -> None:
@@ -218,6 +208,7 @@ class GSM(Optimizer):
         self._host_active = 0
         self._warned_all_active = False
         self._selection = GlobalSelection()
+        self._reduce = None  # sums the selection's counts over the ranks of sharded parameters
         super().__init__(params, defaults)
         if any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
             flush_denormals()
@@ -254,8 +245,12 @@ class GSM(Optimizer):
         try:
             self._check_hyperparameters(self.param_groups[-1])
             for p in self.param_groups[-1]["params"]:
-                _refuse_sharded(p)
-            _refuse_shared_memory([p for g in self.param_groups for p in g["params"]])
+                _refuse_flat(p)
+            everything = [p for g in self.param_groups for p in g["params"]]
+            self._reduce = sharded.count_reducer(everything)
+            if self._reduce is not None and self.fused:
+                raise ValueError("GSM(fused=True) takes whole CPU tensors, not DTensors: leave fused unset")
+            _refuse_shared_memory([sharded.local(p) for p in everything])
             if self.fused:
                 for p in self.param_groups[-1]["params"]:
                     if not (p.is_cpu and p.dtype is torch.float32 and host_kernels.is_dense(p)):
@@ -362,8 +357,8 @@ class GSM(Optimizer):
         # The path, decided here for the whole step: the kernels rank when every ranked tensor fits them, and
         # then update every tensor that fits; a step without masking is SGD's own arithmetic (torch's
         # multi-tensor ops) unless fused=True asks for the kernels.
-        fits = {p: self.fused is not False and host_kernels.available() and host_kernels.fits(p, p.grad)
-                for _, p in work}
+        fits = {p: self.fused is not False and self._reduce is None and host_kernels.available()
+                and host_kernels.fits(p, p.grad) for _, p in work}
         if self.fused and not all(fits.values()):
             p = next(p for p, fit in fits.items() if not fit)
             raise RuntimeError(f"GSM(fused=True): a parameter {tuple(p.shape)} and its gradient do not fit the host "
@@ -384,14 +379,15 @@ class GSM(Optimizer):
             params = [p for _, p in kernel_work]
             buffers = [self._momentum_buffer_like(p) if group["momentum"] != 0.0 else None for group, p in kernel_work]
             batch = host_kernels.Batch(params, [p.grad for p in params], buffers)
-        _refuse_shared_memory([p for _, p in work])
+        _refuse_shared_memory([sharded.local(p) for _, p in work])
 
         masked_grads: Dict[Tensor, Tensor] = {}
         if host_ranking:
             self.last_threshold = self._selection.threshold(batch, len(ranked), q)
             self._last_selection = Selection(self.last_threshold)
         elif masking:
-            self._last_selection = self._selection.masked(ranked, [p.grad for p in ranked], q)
+            self._last_selection = self._selection.masked([sharded.local(p) for p in ranked],
+                                                          [sharded.local(p.grad) for p in ranked], q, self._reduce)
             self.last_threshold = self._last_selection.threshold
             masked_grads = dict(zip(ranked, self._last_selection.masked_grads))
         if batch is not None:
@@ -402,7 +398,8 @@ class GSM(Optimizer):
                                   [g["weight_decay"] for g in groups], [g["nesterov"] for g in groups])
             self._host_active = sum(count for count, limit in zip(active, thresholds) if limit != -math.inf)
         for group in self.param_groups:
-            entries = [(p, masked_grads.get(p, p.grad), p in masked_grads) for g, p in generic_work if g is group]
+            entries = [(p, masked_grads[p] if p in masked_grads else sharded.local(p.grad), p in masked_grads)
+                       for g, p in generic_work if g is group]
             if entries:
                 params, directions, owned = (list(column) for column in zip(*entries))
                 self._update(group, params, directions, owned)
@@ -413,8 +410,11 @@ class GSM(Optimizer):
                 owned: List[bool]) -> None:
         """The momentum-SGD update of `params` along `directions` (the loss gradients, masked or not), in
         torch.optim.SGD's arithmetic; `owned` directions may be updated in place, the others are the
-        parameters' gradients and are left alone."""
+        parameters' gradients and are left alone. The directions are local tensors (a DTensor parameter's local
+        shard), and so is the arithmetic; the state keeps the momentum buffers as the parameters are (DTensors
+        for DTensor parameters), so that it saves and loads as torch's optimizers' does."""
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        keys, params = params, [sharded.local(p) for p in params]
         if weight_decay != 0.0:
             # d = mask * g + wd * w, in place where d is already a new tensor (the masked gradient).
             mine = [i for i, own in enumerate(owned) if own]
@@ -430,13 +430,17 @@ class GSM(Optimizer):
         if momentum != 0.0:
             buffers = []
             old_buffers, old_directions = [], []
-            for p, d in zip(params, directions):
-                state = self.state[p]
+            for key, d in zip(keys, directions):
+                state = self.state[key]
                 buf = state.get("momentum_buffer")
                 if buf is None:
-                    buf = torch.clone(d).detach()
-                    state["momentum_buffer"] = buf
+                    if sharded.is_sharded(key):
+                        state["momentum_buffer"] = torch.zeros_like(key)
+                        buf = sharded.local(state["momentum_buffer"]).copy_(d)
+                    else:
+                        buf = state["momentum_buffer"] = torch.clone(d).detach()
                 else:
+                    buf = sharded.local(buf)
                     old_buffers.append(buf)
                     old_directions.append(d)
                 buffers.append(buf)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from gsm.wrappers import unwrap_model
 from gsm.pruning import prunable_parameters
+from gsm.sharded import full, is_sharded, local, rank
 from gsm.weights_io import (NUMERIC_KINDS, WeightsFileError, attribute_where, check_fits, checked_dataset,
                             checked_datasets, copy_into, describe_value, entry_errors, entry_name, format_attribute,
                             format_bytes, hard_linked, key_name, open_hdf5, read_attribute, read_dataset,
@@ -59,7 +60,8 @@ def save_sparse(model: Union[nn.Module, Mapping[str, Tensor]], path: PathLike,
     every other state-dict entry dense. A -0.0 left by the hard prune counts as zero (it comes back as +0.0).
     A tied weight (state-dict keys that are one tensor, as an output layer tied to the embedding) is stored once,
     under its first key; the others are listed in the root attribute `tied` as [key, first key] pairs and come
-    back as the same tensor. It is compressed when any of its keys is in `names`."""
+    back as the same tensor. It is compressed when any of its keys is in `names`. A model sharded by FSDP2 is
+    gathered (every rank must call it) and written by rank 0."""
     state = unwrap_model(model).state_dict() if isinstance(model, nn.Module) else dict(model)
     if names is None:
         names = prunable_parameters(model).keys() if isinstance(model, nn.Module) else \
@@ -68,8 +70,12 @@ def save_sparse(model: Union[nn.Module, Mapping[str, Tensor]], path: PathLike,
     unknown = sparse - set(state)
     if unknown:
         raise KeyError(f"not in the model: {', '.join(sorted(unknown))}")
-    tied = _tied_keys(state)
+    tied = _tied_keys({key: local(value) for key, value in state.items()})
     sparse |= {tied[key] for key in sparse if key in tied}
+    if any(is_sharded(value) for value in state.values()):  # gathered on every rank, written by rank 0
+        state = {key: value if key in tied else full(value) for key, value in state.items()}
+        if rank() != 0:
+            return
 
     def write(f: h5py.File) -> None:
         f.attrs["format"] = SPARSE_FORMAT

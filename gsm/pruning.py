@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from gsm.selection import check_nonzero_ratio
+from gsm.sharded import full_tensors, local, local_part
 from gsm.wrappers import unwrap_model
 
 Mask = Dict[str, Tensor]
@@ -43,12 +44,14 @@ def global_magnitude_mask(model: Union[nn.Module, Mapping[str, Tensor]], nonzero
     of tensors): those in `names`, by default those of dim > 1. With num_zero = int(N * (1 - nonzero_ratio))
     and the threshold the num_zero-th smallest |w| (0-based, ascending), keep |w| >= threshold. Without ties
     this keeps N - num_zero elements. Pass `names=optimizer.prunable_names(model)` (or use
-    `GSM.hard_mask(model)`) so that the prune keeps what GSM trained for when param groups set `prunable`."""
+    `GSM.hard_mask(model)`) so that the prune keeps what GSM trained for when param groups set `prunable`.
+    DTensor parameters (FSDP2) are gathered: every rank must call it, and gets the whole mask."""
     check_nonzero_ratio(nonzero_ratio)
     named = _chosen(model, names)
     if not named:
         raise ValueError("the model has no prunable parameters (none of dim > 1)")
     with torch.no_grad():
+        named = full_tensors(named)  # a sharded model's DTensors gathered, on every rank
         magnitudes = torch.cat([t.detach().reshape(-1).abs().float() for t in named.values()])
         num_zero = num_pruned_to(magnitudes.numel(), nonzero_ratio)
         # kthvalue is 1-based: the (num_zero + 1)-th smallest is the num_zero-th of a 0-based ascending sort.
@@ -72,11 +75,13 @@ def _chosen(tensors: Union[nn.Module, Mapping[str, Tensor]], names: Optional[Ite
 
 
 def apply_mask_to_weights(model: nn.Module, mask: Mapping[str, Tensor]) -> None:
-    """Zero the pruned weights of `model` (possibly wrapped; plain names) in place."""
+    """Zero the pruned weights of `model` (possibly wrapped; plain names) in place. A DTensor parameter (FSDP2)
+    takes its own part of a whole mask: every rank must call it."""
     params = dict(unwrap_model(model).named_parameters())
     with torch.no_grad():
         for name, m in mask.items():
-            params[name].mul_(m.to(params[name].device))
+            p = params[name]
+            local(p).mul_(local_part(m, p).to(p.device))
 
 
 def apply_mask_to_grads(model: nn.Module, mask: Mapping[str, Tensor]) -> None:
@@ -85,7 +90,7 @@ def apply_mask_to_grads(model: nn.Module, mask: Mapping[str, Tensor]) -> None:
     for name, m in mask.items():
         grad = params[name].grad
         if grad is not None:
-            grad.mul_(m.to(grad.device))
+            local(grad).mul_(local_part(m, grad).to(grad.device))
 
 
 @dataclass

@@ -170,28 +170,31 @@ def _count(index: Tensor, size: int, weights: Optional[Tensor] = None) -> Tensor
     return counts.index_add_(0, index.to(torch.int32), ones)
 
 
-def _rank_in(counts: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-    """(the bucket that holds the k-th largest element of a histogram, and that element's rank inside its bucket),
-    both 0-d tensors, found without leaving the device."""
-    from_top = counts.flip(0).cumsum(0)
+def _rank_in(counts: Tensor, k: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For the k-th largest element of a histogram: its bucket, its rank inside the bucket, and how many elements
+    lie in the buckets above it and in it or above; 0-d tensors, found without leaving the device."""
+    flipped = counts.flip(0)
+    from_top = flipped.cumsum(0)
     position = torch.searchsorted(from_top, k.view(1)).clamp_(max=counts.numel() - 1)
-    above = from_top[position] - counts.flip(0)[position]
-    return (counts.numel() - 1 - position).view(()), (k - above).view(())
+    through = from_top[position].view(())
+    above = through - flipped[position].view(())
+    return (counts.numel() - 1 - position).view(()), k - above, above, through
 
 
-def kth_largest_bits(bits: Tensor, k: int, reduce: Optional[Reduce] = None) -> Tensor:
+def kth_largest_bits(bits: Tensor, k: int, reduce: Optional[Reduce] = None) -> Tuple[Tensor, Tensor]:
     """The exact k-th largest (k >= 1) of the 1-D int32 tensor `bits`, the bit patterns of non-negative float32
-    metrics (NaNs made `_ONE_NAN`), as a 0-d int32 tensor on its device: a radix select in two rounds, each
-    counting the elements by 16 of their bits (the high half, then the low half of those in the chosen bucket).
-    No host synchronisation on a device, fixed shapes (torch.compile traces it whole) and no copy of the
-    elements beyond an index per element. `reduce(counts)`, if given, sums a round's counts over the ranks that
-    hold the other elements (an all-reduce, of a size independent of theirs), so that k ranks them all."""
+    metrics (NaNs made `_ONE_NAN`), and how many elements are at least that large (ties with it included): 0-d
+    int32 and int64 tensors on its device. A radix select in two rounds, each counting the elements by 16 of
+    their bits (the high half, then the low half of those in the chosen bucket). No host synchronisation on a
+    device, fixed shapes (torch.compile traces it whole) and no copy of the elements beyond an index per
+    element. `reduce(counts)`, if given, sums a round's counts over the ranks that hold the other elements (an
+    all-reduce, of a size independent of theirs), so that k ranks them all and the count is theirs too."""
     high, low = _halves(bits)
     target = torch.full((), k, dtype=torch.int64, device=bits.device)
     counts = _count(high, HIGH_BUCKETS)
     if reduce is not None:
         reduce(counts)
-    bucket, rank = _rank_in(counts, target)
+    bucket, rank, above, _ = _rank_in(counts, target)
     in_bucket = high == bucket
     if bits.is_cpu and not torch.compiler.is_compiling():  # the few elements of the bucket, then their lows
         lows = _count(low[in_bucket].to(torch.int32) & 0xFFFF, LOW_BUCKETS)
@@ -200,22 +203,26 @@ def kth_largest_bits(bits: Tensor, k: int, reduce: Optional[Reduce] = None) -> T
         lows = _count(index, LOW_BUCKETS + 1)[:LOW_BUCKETS]
     if reduce is not None:
         reduce(lows)
-    low_bucket, _ = _rank_in(lows, rank)
-    return (bucket.to(torch.int32) << 16) | low_bucket.to(torch.int32)
+    low_bucket, _, _, low_through = _rank_in(lows, rank)
+    return (bucket.to(torch.int32) << 16) | low_bucket.to(torch.int32), above + low_through
 
 
 class Selection(NamedTuple):
     """One step's selection: `threshold`, tau as a 0-d tensor (None when k == 0). Generic path: `masked_grads`,
-    mask * g per tensor (new tensors, which the update may change in place), and `active`, the flat bool mask
-    (counted only when asked: counting waits for the device). Host path: neither; the update applies the
-    mask |w * g| >= tau itself (`gsm.host_kernels.update`) and counts the active elements."""
+    mask * g per tensor (new tensors, which the update may change in place), `active`, the flat bool mask, and
+    `count`, the number of active elements over every rank (a 0-d tensor, read only when asked: reading waits
+    for the device). Host path: none of these; the update applies the mask |w * g| >= tau itself
+    (`gsm.host_kernels.update`) and counts the active elements."""
     threshold: Optional[Tensor]
     active: Optional[Tensor] = None
     masked_grads: Optional[List[Tensor]] = None
+    count: Optional[Tensor] = None
 
     @property
     def num_active(self) -> int:
         """The number of active elements (generic path; 0 when k == 0)."""
+        if self.count is not None:
+            return int(self.count)
         return 0 if self.active is None else int(self.active.sum())
 
 
@@ -294,8 +301,10 @@ class GlobalSelection:
                           host_kernels.kth_largest)
         return torch.from_numpy(np.asarray(tau, dtype=np.float32))
 
-    def masked(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int) -> Selection:
-        """The generic path: the threshold, the flat mask and the masked gradients of the k largest metrics."""
+    def masked(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int,
+               reduce: Optional[Reduce] = None) -> Selection:
+        """The generic path: the threshold, the flat mask and the masked gradients of the k largest metrics; with
+        `reduce` (see `kth_largest_bits`), of the k largest over these tensors and those of the other ranks."""
         self._host_path = False
         self._prepare(params, grads)
         if k == 0:  # no element takes its gradient (zeros, not g * 0, which is NaN where g is infinite)
@@ -305,13 +314,13 @@ class GlobalSelection:
         # Ranked by bit pattern, which orders non-negative floats as numbers and puts every NaN above +inf; the
         # NaNs, whatever their payload, made one value so that they tie as topk's do.
         bits = metric.view(torch.int32).clamp_(max=_ONE_NAN)
-        threshold_bits = kth_largest_bits(bits, k)
+        threshold_bits, count = kth_largest_bits(bits, k, reduce)
         mask = bits >= threshold_bits
         threshold = threshold_bits.view(torch.float32)
         if len({g.dtype for g in grads}) > 1:  # mixed dtypes: the mask tensor by tensor
-            return Selection(threshold, mask, masked_grads=[g * m for g, m in zip(grads, self._layout.views(mask))])
+            return Selection(threshold, mask, [g * m for g, m in zip(grads, self._layout.views(mask))], count)
         if self._float_mask is None:
             self._float_mask = torch.empty(self._layout.numel, dtype=grads[0].dtype, device=metric.device)
             self._float_mask_views = self._layout.views(self._float_mask)
         self._float_mask.copy_(mask)  # one conversion and one multi-tensor multiply
-        return Selection(threshold, mask, masked_grads=list(torch._foreach_mul(list(grads), self._float_mask_views)))
+        return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._float_mask_views)), count)

@@ -228,7 +228,9 @@ def test_a_warning_when_every_ranked_element_gets_its_gradient():
         optimizer.step()
 
 
-def test_sharded_parameters_are_refused(tmp_path):
+def test_flat_parameters_and_dtensors_beside_plain_tensors_are_refused(tmp_path):
+    """FSDP1's flat parameters cannot be ranked; a DTensor is ranked over its ranks (tests/test_fsdp2.py), but not
+    beside plain tensors, whose elements the ranks would count once each."""
     flat = nn.Parameter(torch.zeros(10, 10))
     flat._is_flat_param = True  # how FSDP marks its flat parameters
     with pytest.raises(ValueError, match="FSDP flat parameter"):

@@ -49,9 +49,10 @@ def test_equals_topk(name, metric, branch):
     bits = bits_of(metric)
     for k in ks(bits.numel()):
         expected = bits.topk(k, sorted=False).values.min()
-        found = kth_largest_bits(bits, k)
-        assert found.dtype == torch.int32 and found.shape == ()
+        found, count = kth_largest_bits(bits, k)
+        assert found.dtype == torch.int32 and found.shape == () and count.shape == ()
         assert found.item() == expected.item(), (name, k)
+        assert count.item() == int((bits >= expected).sum()) >= k
 
 
 @pytest.mark.parametrize("sizes", [(1000, 1, 0), (17, 4000, 333), (0, 2500)])
@@ -85,7 +86,7 @@ def test_ranks_agree_on_the_global_kth_largest(sizes, branch):
         for t in threads:
             t.join()
         expected = whole.topk(k, sorted=False).values.min().item()
-        assert [r.item() for r in results] == [expected] * len(parts), k
+        assert [tuple(int(v) for v in r) for r in results] == [(expected, int((whole >= expected).sum()))] * len(parts)
 
 
 def test_compiles_whole():
@@ -93,4 +94,5 @@ def test_compiles_whole():
     compiled = torch.compile(kth_largest_bits, fullgraph=True, dynamic=False)
     gen = torch.Generator().manual_seed(1)
     bits = bits_of((torch.randn(5000, generator=gen) * torch.randn(5000, generator=gen)).abs())
-    assert compiled(bits, 500).item() == bits.topk(500).values.min().item()
+    tau, count = compiled(bits, 500)
+    assert tau.item() == bits.topk(500).values.min().item() and count.item() == int((bits >= tau).sum())
