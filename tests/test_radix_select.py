@@ -5,7 +5,6 @@ import threading
 import pytest
 import torch
 
-from gsm import selection
 from gsm.selection import _ONE_NAN, kth_largest_bits
 
 
