@@ -201,12 +201,10 @@ class GSM(Optimizer):
                         nonzero_ratio=nonzero_ratio)
         self._check_hyperparameters(defaults)
         self.fused = fused
-        self.last_threshold: Optional[Tensor] = None
-        self.last_step_fused: Optional[bool] = None
-        self._last_selection: Optional[Selection] = None
-        self._last_num_ranked = 0
-        self._host_active = 0
-        self._warned_all_active = False
+        # What the last step found: in a dict, because torch.compile keeps a traced step's changes to a dict but
+        # not to the optimizer's attributes.
+        self._last: Dict[str, Any] = dict(threshold=None, fused=None, selection=None, ranked=0, host_active=0,
+                                          warned_all_active=False)
         self._selection = GlobalSelection()
         self._reduce = None  # sums the selection's counts over the ranks of sharded parameters
         super().__init__(params, defaults)
@@ -295,11 +293,22 @@ class GSM(Optimizer):
     @property
     def num_active(self) -> int:
         """How many prunable elements received loss gradients in the last step."""
-        if self._last_selection is None:
-            return self._last_num_ranked
-        if self._last_selection.masked_grads is None:  # the host path: counted by the update
-            return self._host_active
-        return self._last_selection.num_active
+        selection = self._last["selection"]
+        if selection is None:
+            return self._last["ranked"]
+        if selection.masked_grads is None:  # the host path: counted by the update
+            return self._last["host_active"]
+        return selection.num_active
+
+    @property
+    def last_threshold(self) -> Optional[Tensor]:
+        """tau of the last step (a 0-d tensor), or None when every ranked element took its gradient."""
+        return self._last["threshold"]
+
+    @property
+    def last_step_fused(self) -> Optional[bool]:
+        """Whether the last step ran in the compiled host kernels (None before a step with gradients)."""
+        return self._last["fused"]
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state saved by GSM's `state_dict` (see Optimizer.load_state_dict), after checking it against
@@ -329,9 +338,9 @@ class GSM(Optimizer):
 
     def _warn_all_active(self, num_ranked: int, q: int, num_prunable: int) -> None:
         """Warn once that GSM was meant to mask (Q < N) yet every ranked element gets its gradient."""
-        if self._warned_all_active or q >= num_prunable:
+        if self._last["warned_all_active"] or q >= num_prunable:
             return
-        self._warned_all_active = True
+        self._last["warned_all_active"] = True
         warnings.warn(
             f"GSM: only {num_ranked} prunable elements have gradients, no more than Q = {q} "
             f"(1/{1 / self.nonzero_ratio:g} of the {num_prunable} prunable elements of the param "
@@ -347,8 +356,9 @@ class GSM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work, ranked, num_prunable = self._work()
-        self._last_num_ranked = num_ranked = sum(p.numel() for p in ranked)
-        self.last_threshold, self._last_selection, self._host_active = None, None, 0
+        num_ranked = sum(p.numel() for p in ranked)
+        last = self._last
+        last.update(ranked=num_ranked, threshold=None, selection=None, host_active=0)
         q = keep_count(num_prunable, self.nonzero_ratio)
         masking = bool(ranked) and q < num_ranked
         if ranked and not masking:
@@ -357,7 +367,8 @@ class GSM(Optimizer):
         # The path, decided here for the whole step: the kernels rank when every ranked tensor fits them, and
         # then update every tensor that fits; a step without masking is SGD's own arithmetic (torch's
         # multi-tensor ops) unless fused=True asks for the kernels.
-        fits = {p: self.fused is not False and self._reduce is None and host_kernels.available()
+        compiling = torch.compiler.is_compiling()  # traced by torch.compile: the generic path, whole
+        fits = {p: self.fused is not False and not compiling and self._reduce is None and host_kernels.available()
                 and host_kernels.fits(p, p.grad) for _, p in work}
         if self.fused and not all(fits.values()):
             p = next(p for p, fit in fits.items() if not fit)
@@ -379,31 +390,32 @@ class GSM(Optimizer):
             params = [p for _, p in kernel_work]
             buffers = [self._momentum_buffer_like(p) if group["momentum"] != 0.0 else None for group, p in kernel_work]
             batch = host_kernels.Batch(params, [p.grad for p in params], buffers)
-        _refuse_shared_memory([sharded.local(p) for _, p in work])
+        if not compiling:  # storage addresses are not traced; the param groups were checked when added
+            _refuse_shared_memory([sharded.local(p) for _, p in work])
 
         masked_grads: Dict[Tensor, Tensor] = {}
         if host_ranking:
-            self.last_threshold = self._selection.threshold(batch, len(ranked), q)
-            self._last_selection = Selection(self.last_threshold)
+            last["threshold"] = self._selection.threshold(batch, len(ranked), q)
+            last["selection"] = Selection(last["threshold"])
         elif masking:
-            self._last_selection = self._selection.masked([sharded.local(p) for p in ranked],
-                                                          [sharded.local(p.grad) for p in ranked], q, self._reduce)
-            self.last_threshold = self._last_selection.threshold
-            masked_grads = dict(zip(ranked, self._last_selection.masked_grads))
+            selection = self._selection.masked([sharded.local(p) for p in ranked],
+                                               [sharded.local(p.grad) for p in ranked], q, self._reduce)
+            last.update(selection=selection, threshold=selection.threshold)
+            masked_grads = dict(zip(ranked, selection.masked_grads))
         if batch is not None:
-            tau = float(self.last_threshold) if host_ranking else -math.inf
+            tau = float(last["threshold"]) if host_ranking else -math.inf
             thresholds = [tau if host_ranking and self.is_prunable(group, p) else -math.inf for group, p in kernel_work]
             groups = [group for group, _ in kernel_work]
             active = batch.update(thresholds, [g["lr"] for g in groups], [g["momentum"] for g in groups],
                                   [g["weight_decay"] for g in groups], [g["nesterov"] for g in groups])
-            self._host_active = sum(count for count, limit in zip(active, thresholds) if limit != -math.inf)
+            last["host_active"] = sum(count for count, limit in zip(active, thresholds) if limit != -math.inf)
         for group in self.param_groups:
             entries = [(p, masked_grads[p] if p in masked_grads else sharded.local(p.grad), p in masked_grads)
                        for g, p in generic_work if g is group]
             if entries:
                 params, directions, owned = (list(column) for column in zip(*entries))
                 self._update(group, params, directions, owned)
-        self.last_step_fused = None if not work else not generic_work
+        last["fused"] = None if not work else not generic_work
         return loss
 
     def _update(self, group: Dict[str, Any], params: List[Tensor], directions: List[Tensor],

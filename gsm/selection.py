@@ -226,6 +226,21 @@ class Selection(NamedTuple):
         return 0 if self.active is None else int(self.active.sum())
 
 
+def _traced_masked(params: Sequence[Tensor], grads: Sequence[Tensor], k: int, reduce: Optional[Reduce]) -> Selection:
+    """`GlobalSelection.masked` as torch.compile traces it: the same selection, written without the buffers that
+    the eager path keeps from step to step (the compiler plans the memory of its own graph)."""
+    if k == 0:
+        return Selection(None, None, [torch.zeros_like(g) for g in grads], torch.zeros((), dtype=torch.int64))
+    flats = [(p.float() * g.float() if p.dtype in (torch.float16, torch.bfloat16) else p * g).reshape(-1)
+             for p, g in zip(params, grads)]
+    bits = torch.cat(flats).abs().view(torch.int32).clamp(max=_ONE_NAN)
+    threshold_bits, count = kth_largest_bits(bits, k, reduce)
+    mask = bits >= threshold_bits
+    masks = mask.split([p.numel() for p in params])
+    return Selection(threshold_bits.view(torch.float32), mask,
+                     [g * m.view(g.shape) for g, m in zip(grads, masks)], count)
+
+
 def _fits_host_path(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
     """Whether the compiled kernels are loaded and every tensor fits them (float32 in host memory, dense and
     stored like its gradient)."""
@@ -306,6 +321,8 @@ class GlobalSelection:
         """The generic path: the threshold, the flat mask and the masked gradients of the k largest metrics; with
         `reduce` (see `kth_largest_bits`), of the k largest over these tensors and those of the other ranks."""
         self._host_path = False
+        if torch.compiler.is_compiling():
+            return _traced_masked(params, grads, k, reduce)
         self._prepare(params, grads)
         if k == 0:  # no element takes its gradient (zeros, not g * 0, which is NaN where g is infinite)
             mask = torch.zeros(self._layout.numel, dtype=torch.bool, device=params[0].device)
