@@ -5,6 +5,7 @@
     python bench/bench_scale.py --sizes 1e6 5e6 --rounds 5
     python bench/bench_scale.py --device cuda --sizes 25e6 1e8 1e9
     python bench/bench_scale.py --gsm-path generic                # GSM(fused=False): no compiled kernels
+    python bench/bench_scale.py --gsm-path compiled               # torch.compile(step, fullgraph=True)
 
 The parameters are shaped like a transformer's: `--layers` blocks (10 by default, so 40 matrices) of an
 attention input (3d x d) and output (d x d) and an MLP (4d x d, d x 4d), d chosen for the size. The gradients
@@ -70,9 +71,21 @@ def optimizers(model: nn.Module, ratio: float, device: torch.device, gsm_path: s
         made["SGD fused"] = lambda: torch.optim.SGD(params, fused=True, **common)
     except (RuntimeError, ValueError):
         pass
-    fused = {"auto": None, "generic": False, "kernels": True}[gsm_path]
+    fused = {"auto": None, "generic": False, "kernels": True, "compiled": None}[gsm_path]
     made["GSM"] = lambda: GSM(params, nonzero_ratio=ratio, fused=fused, **common)
     return made
+
+
+class CompiledStep:
+    """An optimizer whose `step` is torch.compile(optimizer.step, fullgraph=True), for GSM; `inner` is the
+    optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.inner = optimizer
+        self.step = torch.compile(optimizer.step, fullgraph=True)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def sync(device: torch.device) -> None:
@@ -103,15 +116,20 @@ def measure(size: float, ratio: float, args: argparse.Namespace) -> Dict[str, Di
     params = list(model.parameters())
     gradient_sets = [[torch.randn_like(p) * 1e-3 for p in params] for _ in range(2)]
     made = {name: factory() for name, factory in optimizers(model, ratio, device, args.gsm_path).items()}
+    if args.gsm_path == "compiled":
+        made["GSM eager"] = GSM(params, nonzero_ratio=ratio, fused=False, lr=LR, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
+        made["GSM"] = CompiledStep(made["GSM"])
     start = [p.detach().clone() for p in params]
     states = {}
-    for name, optimizer in made.items():  # one warm step each, from the same weights, to create their buffers
-        with torch.no_grad():
-            for p, s in zip(params, start):
-                p.copy_(s)
-        for p, g in zip(params, gradient_sets[0]):
-            p.grad = g.clone()
-        optimizer.step()
+    for name, optimizer in made.items():  # warm steps, from the same weights: buffers made (and steps compiled)
+        for warm in range(2):
+            with torch.no_grad():
+                for p, s in zip(params, start):
+                    p.copy_(s)
+            for p, g in zip(params, gradient_sets[warm]):
+                p.grad = g.clone()
+            optimizer.step()
         states[name] = optimizer.state_dict()
     times: Dict[str, Dict[str, List[float]]] = {name: {"step": [], "iteration": []} for name in made}
     peak: Dict[str, int] = {}
@@ -144,9 +162,10 @@ def measure(size: float, ratio: float, args: argparse.Namespace) -> Dict[str, Di
             times[name]["iteration"].append(time.perf_counter() - began)
     result = {name: {kind: statistics.median(values) for kind, values in kinds.items() if values}
               for name, kinds in times.items()}
-    result["GSM"]["held_bytes"] = held_bytes(made["GSM"])
-    result["GSM"]["active"] = made["GSM"].num_active
-    result["GSM"]["kernels"] = bool(made["GSM"].last_step_fused)
+    gsm = made["GSM"].inner if isinstance(made["GSM"], CompiledStep) else made["GSM"]
+    result["GSM"]["held_bytes"] = held_bytes(gsm)
+    result["GSM"]["active"] = gsm.num_active
+    result["GSM"]["kernels"] = bool(gsm.last_step_fused)
     for name, value in peak.items():
         result[name]["peak_bytes"] = value
     return result
@@ -161,8 +180,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=10, help="blocks of four matrices (default: 10)")
     parser.add_argument("--tokens", type=int, default=64, help="rows of a batch for the iteration (default: 64)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are printed")
-    parser.add_argument("--gsm-path", choices=("auto", "generic", "kernels"), default="auto",
-                        help="auto: the kernels where they apply; generic: GSM(fused=False); kernels: fused=True")
+    parser.add_argument("--gsm-path", choices=("auto", "generic", "kernels", "compiled"), default="auto",
+                        help="auto: the kernels where they apply; generic: GSM(fused=False); kernels: fused=True; "
+                             "compiled: torch.compile(step, fullgraph=True), also timed against the eager generic "
+                             "step")
     parser.add_argument("--no-iteration", action="store_true", help="time the optimizer step alone")
     args = parser.parse_args()
     print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} "
@@ -176,6 +197,9 @@ def main() -> None:
                     f"GSM/SGD {r['GSM']['step'] / sgd['step']:.2f}"]
             if "SGD fused" in r:
                 line.append(f"GSM/SGD fused {r['GSM']['step'] / r['SGD fused']['step']:.2f}")
+            if "GSM eager" in r:
+                line.append(f"compiled / eager GSM {r['GSM']['step'] / r['GSM eager']['step']:.2f} "
+                            f"({r['GSM eager']['step'] * 1e3:.2f} ms eager)")
             if "iteration" in sgd:
                 line.append(f"iteration: GSM/SGD {r['GSM']['iteration'] / sgd['iteration']:.2f} "
                             f"({sgd['iteration'] * 1e3:.1f} ms SGD)")
