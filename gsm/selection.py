@@ -334,10 +334,10 @@ class GlobalSelection:
         threshold_bits, count = kth_largest_bits(bits, k, reduce)
         mask = bits >= threshold_bits
         threshold = threshold_bits.view(torch.float32)
-        if len({g.dtype for g in grads}) > 1:  # mixed dtypes: the mask tensor by tensor
-            return Selection(threshold, mask, [g * m for g, m in zip(grads, self._layout.views(mask))], count)
+        if metric.is_cpu or len({g.dtype for g in grads}) > 1:  # the bool mask, multiplied tensor by tensor
+            return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._layout.views(mask))), count)
         if self._float_mask is None:
             self._float_mask = torch.empty(self._layout.numel, dtype=grads[0].dtype, device=metric.device)
             self._float_mask_views = self._layout.views(self._float_mask)
-        self._float_mask.copy_(mask)  # one conversion and one multi-tensor multiply
+        self._float_mask.copy_(mask)  # on a device: one conversion and one multi-tensor multiply, not a kernel a tensor
         return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._float_mask_views)), count)
