@@ -465,18 +465,50 @@ static int64_t keep_bucket_avx2(float *values, int64_t count, uint32_t high)
 }
 #endif
 
-/* The rank-th largest (1-based) of the values whose high 16 bits are `high`, into *tau: the values of one
-   bucket of the candidates' histogram, a few among them, are moved to the front and radix-selected. -1 when
-   fewer than `rank` values are in the bucket. Reorders `values`. */
-static int select_in_bucket(float *values, int64_t count, uint32_t high, int64_t rank, float *tau)
+struct keep_job {
+    float *values;
+    int64_t count;
+    uint32_t high;
+    int parallel;
+    int64_t start[MAX_THREADS], kept[MAX_THREADS];
+};
+
+/* Each thread moves the values of the bucket in its share to the front of the share. */
+static void keep_share(void *data)
 {
-    int64_t kept;
+    struct keep_job *job = data;
+    int me;
+    int64_t lo, hi;
+    share(job->parallel, job->count, &me, &lo, &hi);
 #ifdef GSM_X86
     if (use_avx2)
-        kept = keep_bucket_avx2(values, count, high);
+        job->kept[me] = keep_bucket_avx2(job->values + lo, hi - lo, job->high);
     else
 #endif
-        kept = keep_bucket_portable(values, count, high);
+        job->kept[me] = keep_bucket_portable(job->values + lo, hi - lo, job->high);
+    job->start[me] = lo;
+}
+
+/* The rank-th largest (1-based) of the values whose high 16 bits are `high`, into *tau: the values of one
+   bucket of the candidates' histogram, a few among them, are moved to the front (the shares of the threads
+   first to the fronts of the shares, then together) and radix-selected. -1 when fewer than `rank` values are
+   in the bucket. Reorders `values`. */
+static int select_in_bucket(float *values, int64_t count, uint32_t high, int64_t rank, long threads, float *tau)
+{
+    struct keep_job job;
+    job.values = values;
+    job.count = count;
+    job.high = high;
+    int shares = thread_count(count, threads);
+    for (int i = 0; i < shares; i++)
+        job.start[i] = 0, job.kept[i] = 0;
+    run(keep_share, &job, &job.parallel, shares);
+    int64_t kept = 0;
+    for (int i = 0; i < shares; i++) {
+        if (job.kept[i] && job.start[i] != kept)
+            memmove(values + kept, values + job.start[i], (size_t)job.kept[i] * sizeof(float));
+        kept += job.kept[i];
+    }
     if (kept < rank)
         return -1;
     *tau = select_kth_largest(values, kept, rank);
@@ -885,7 +917,7 @@ static PyObject *py_bucket_lows(PyObject *module, PyObject *args)
 }
 
 PyDoc_STRVAR(kth_in_bucket_doc,
-"kth_in_bucket(values, count, high, rank) -> float\n\n"
+"kth_in_bucket(values, count, high, rank, threads) -> float\n\n"
 "The rank-th largest (1-based) of those of the first `count` elements of the writable float32 buffer `values`\n"
 "whose bit patterns have the high 16 bits `high` (0 <= high < 32768): non-negative numbers or NaNs, as\n"
 "`candidates` writes them, ranked by bit pattern (every NaN above +inf). ValueError when fewer than `rank`\n"
@@ -895,7 +927,8 @@ static PyObject *py_kth_in_bucket(PyObject *module, PyObject *args)
 {
     PyObject *values;
     long long count, high, rank;
-    if (!PyArg_ParseTuple(args, "OLLL:kth_in_bucket", &values, &count, &high, &rank))
+    long threads;
+    if (!PyArg_ParseTuple(args, "OLLLl:kth_in_bucket", &values, &count, &high, &rank, &threads))
         return NULL;
     if (high < 0 || high >= HIGH_BUCKETS)
         return PyErr_Format(PyExc_ValueError, "need 0 <= high < %d, got %lld", HIGH_BUCKETS, high);
@@ -910,7 +943,7 @@ static PyObject *py_kth_in_bucket(PyObject *module, PyObject *args)
     float tau;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = select_in_bucket(view.buf, count, (uint32_t)high, rank, &tau);
+    status = select_in_bucket(view.buf, count, (uint32_t)high, rank, threads, &tau);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (status < 0)

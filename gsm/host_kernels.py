@@ -191,7 +191,7 @@ def kth_in_bucket(values: np.ndarray, count: int, high: int, rank: int) -> np.fl
     """The rank-th largest (1-based) of those of the first `count` elements of the float32 array `values` whose
     bit patterns have the high 16 bits `high`, ranked by bit pattern (a NaN above every number), as
     `candidates` writes them; ValueError when fewer than `rank` have them. Reorders them."""
-    return np.float32(_kernels.kth_in_bucket(values, count, high, rank))
+    return np.float32(_kernels.kth_in_bucket(values, count, high, rank, torch.get_num_threads()))
 
 
 def kth_largest(values: np.ndarray, count: int, k: int) -> np.float32:

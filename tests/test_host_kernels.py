@@ -360,6 +360,18 @@ def test_kth_in_bucket_equals_sorting(vector_path):
             host_kernels.kth_in_bucket(values.copy(), values.size, int(high), in_bucket.size + 1)
 
 
+def test_kth_in_bucket_split_between_threads(threads, vector_path):
+    """Values enough to be split between the threads: the bucket's values of every share are gathered."""
+    gen = np.random.default_rng(5)
+    values = np.abs(gen.standard_normal(200_003)).astype(np.float32)
+    for high in (bits_of(values[:3]) >> 16).tolist() + [int(bits_of(np.ones(1))[0] >> 16)]:
+        in_bucket = np.sort(bits_of(values)[bits_of(values) >> 16 == high])[::-1]
+        for rank in (1, in_bucket.size // 3 + 1, in_bucket.size):
+            tau = host_kernels.kth_in_bucket(values.copy(), values.size, high, rank)
+            assert bits_of(np.array([tau]))[0] == in_bucket[rank - 1]
+            assert host_kernels._kernels.last_threads() == (threads if "OpenMP" in host_kernels.status() else 1)
+
+
 def test_kth_in_bucket_refuses_bad_arguments():
     values = np.ones(5, dtype=np.float32)
     high = int(bits_of(values)[0] >> 16)
