@@ -124,13 +124,27 @@ static int segment(const struct arrays *a, Py_ssize_t t, int64_t offset, int64_t
 /* A thread's uint32 counts are added to the shared int64 histogram before they could overflow. */
 #define MERGE_EVERY ((int64_t)1 << 31)
 
+/* w * g, with w the first operand of the multiply. When both are NaN, the processor returns the first
+   operand's NaN (on x86), and compilers order the operands of a product as they see fit, differently from one
+   loop to another; the ranking orders NaNs by their bit patterns, so every kernel that computes a metric for
+   the ranking takes this order, on x86 by naming the instruction. */
+static ALWAYS_INLINE float product(float w, float g)
+{
+#ifdef GSM_X86
+    __asm__("mulss %1, %0" : "+x"(w) : "x"(g)); /* w = w * g */
+    return w;
+#else
+    return w * g;
+#endif
+}
+
 /* A metric is a candidate when it is not below the bound: NaN is (it ranks above every number, as in
    torch.topk). */
 static ALWAYS_INLINE int64_t candidates_portable(const float *w, const float *g, int64_t n, float bound, float *out)
 {
     int64_t found = 0;
     for (int64_t i = 0; i < n; i++) {
-        float m = fabsf(w[i] * g[i]);
+        float m = fabsf(product(w[i], g[i]));
         out[found] = m; /* kept only when it passes: the next write goes to the same place otherwise */
         found += !(m < bound);
     }
@@ -155,12 +169,15 @@ static void fill_pack_order(void)
     }
 }
 
-/* The metrics |w * g| of 8 elements, computed as candidates_portable and bucket_lows_portable compute them. */
+/* The metrics |w * g| of 8 elements, computed as candidates_portable and bucket_lows_portable compute them
+   (w the first operand, see `product`). */
 __attribute__((target("avx2")))
 static ALWAYS_INLINE __m256 metric8(const float *w, const float *g)
 {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    return _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(g)), magnitude);
+    __m256 m;
+    __asm__("vmulps %2, %1, %0" : "=x"(m) : "x"(_mm256_loadu_ps(w)), "x"(_mm256_loadu_ps(g))); /* m = w * g */
+    return _mm256_and_ps(m, magnitude);
 }
 
 /* Writes at most 7 floats past the candidates found, never past out + n. */
@@ -248,8 +265,11 @@ static void candidates_share(void *data)
         if (!segment(a, t, offset, lo, hi, &from, &to))
             continue;
         for (int64_t i = from; i < to;) {
-            /* at most STAGE - staged elements: their candidates (and the vector version's spill) fit */
-            int64_t n = to - i < STAGE - staged ? to - i : STAGE - staged;
+            /* at most STAGE - staged elements, so that their candidates (and the vector version's spill) fit, and
+               a multiple of 8 but at the end of the segment, so that the vector version leaves no elements to
+               its scalar tail but there */
+            int64_t room = (STAGE - staged) / 8 * 8;
+            int64_t n = to - i < room ? to - i : room;
 #ifdef GSM_X86
             if (use_avx2)
                 staged += candidates_avx2(a->w[t] + i, a->g[t] + i, n, job->bound, stage + staged);
@@ -302,7 +322,7 @@ static ALWAYS_INLINE void bucket_lows_portable(const float *w, const float *g, i
                                                uint32_t *counts)
 {
     for (int64_t i = 0; i < n; i++) {
-        float m = fabsf(w[i] * g[i]);
+        float m = fabsf(product(w[i], g[i]));
         uint32_t bits;
         memcpy(&bits, &m, sizeof bits);
         if (bits >> 16 == high)

@@ -103,6 +103,10 @@ def rank_in_histogram(counts: np.ndarray, k: int) -> Tuple[int, int]:
     return bucket, k - int(from_top[position] - counts[bucket])
 
 
+# The high 16 bits of the first quiet NaN (0x7fc00000): a product that is NaN is a quiet NaN.
+_QUIET_NANS = 0x7FC0
+
+
 def spare_capacity(numel: int, k: int) -> int:
     """How many candidates the host search keeps: 2 k + 4096, at most numel. The bound lets through a little
     more than k in a steady run, so twice k holds them but for jumps of the threshold, which the route without
@@ -155,7 +159,12 @@ class HostCandidates:
             return host_kernels.kth_in_bucket(self.found, count, bucket, rank)
         # Every metric of the bucket, also those below the bound (which rank below every candidate of it): the
         # rank from the top is the same.
-        self._batch.bucket_lows(self._count, bucket, self.histogram)
+        if self._batch.bucket_lows(self._count, bucket, self.histogram) < rank:
+            # Only NaNs can differ between the passes (the payload of a product of two NaNs is the first
+            # operand's, which the kernels fix on x86 alone), and any NaN threshold selects the same elements.
+            if bucket < _QUIET_NANS:
+                raise RuntimeError(f"GSM host search: the metrics of bucket {bucket} changed between two passes")
+            return np.array([bucket << 16], dtype=np.uint32).view(np.float32)[0]
         low, _ = rank_in_histogram(self.histogram, rank)
         return np.array([bucket << 16 | low], dtype=np.uint32).view(np.float32)[0]
 

@@ -433,11 +433,26 @@ def metric_cases(n: int, seed: int) -> dict:
         "NaN and inf": (np.where(gen.random(n) < 0.01, np.inf, gen.standard_normal(n)).astype(f32),
                         np.where(gen.random(n) < 0.01, 0.0, gen.standard_normal(n)).astype(f32)),
         "NaN payloads": (np.where(gen.random(n) < 0.3, nan_payloads, gen.standard_normal(n)).astype(f32), ones),
+        "NaN payloads on both": (np.where(gen.random(n) < 0.3, nan_payloads, gen.standard_normal(n)).astype(f32),
+                                 np.where(gen.random(n) < 0.3, gen.permutation(nan_payloads),
+                                          gen.standard_normal(n)).astype(f32)),
         "smallest normals": ((np.finfo(f32).tiny * (1 + gen.random(n) * 100)).astype(f32), -ones),
         "one bucket": ((f32(1.0) + gen.integers(0, 1 << 16, n).astype(f32) * f32(2 ** -23)).astype(f32), ones),
         "one bucket with ties": ((f32(3.0) + gen.integers(0, 40, n).astype(f32) * f32(2 ** -22)).astype(f32), ones),
     }
     return cases
+
+
+def kernel_metric(w: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """|w * g| as the kernels compute it: a NaN operand's payload, quieted, w's when both are NaN (the first
+    operand's, as x86 multiplies), the default NaN for inf * 0."""
+    quiet = np.uint32(0x00400000)
+    with np.errstate(invalid="ignore"):  # inf * 0
+        product = np.abs(w * g)
+    bits = np.where(np.isnan(w), bits_of(np.abs(w)) | quiet,
+                    np.where(np.isnan(g), bits_of(np.abs(g)) | quiet,
+                             np.where(np.isnan(product), np.uint32(0x7FC00000), bits_of(product))))
+    return bits.astype(np.uint32).view(np.float32)
 
 
 def kth_largest_bits(metric: np.ndarray, k: int) -> np.float32:
@@ -457,8 +472,7 @@ def test_threshold_search_equals_sorting(case, threads, vector_path):
     n = 100_003
     w_np, g_np = metric_cases(n, CASE_NAMES.index(case))[case]
     w, g = torch.from_numpy(w_np), torch.from_numpy(g_np)
-    with np.errstate(invalid="ignore"):  # inf * 0
-        metric = np.abs(w_np * g_np)
+    metric = kernel_metric(w_np, g_np)
     for k in (1, 7, 1000, n // 10, n // 2, n):
         expected = kth_largest_bits(metric, k)
         if not np.isnan(metric).any():
@@ -505,3 +519,26 @@ def test_threshold_search_checks_both_routes_on_one_bound():
         assert searched == int((metric >= bound).sum()) and candidates.overflowed is overflows
         assert bits_of(np.array([tau])) == bits_of(np.array([expected]))
     candidates.detach()
+
+
+def test_second_pass_that_disagrees_on_nans_only(monkeypatch):
+    """Should the second pass count fewer metrics in the bucket than the first (only NaN payloads could differ,
+    where the processor does not fix a product's payload), a NaN threshold is returned (any NaN selects the NaN
+    elements alone), and a numeric bucket raises instead of guessing."""
+    w_np, g_np = metric_cases(100_003, 3)["NaN payloads"]
+    w, g = torch.from_numpy(w_np), torch.from_numpy(g_np)
+
+    def disagreeing(self, count, high, histogram):
+        histogram[:] = 0
+        return 0
+
+    monkeypatch.setattr(host_kernels.Batch, "bucket_lows", disagreeing)
+    for k, nan in ((10, True), (40_000, False)):  # 30% of the metrics are NaN
+        candidates = selection.HostCandidates()
+        candidates.attach(host_kernels.Batch([w], [g]), 1, k)
+        if nan:
+            tau, _ = selection.kth_largest(candidates, k, ())
+            assert np.isnan(tau) and candidates.overflowed
+        else:
+            with pytest.raises(RuntimeError, match="changed between two passes"):
+                selection.kth_largest(candidates, k, (1e-6,))
