@@ -96,12 +96,20 @@ def sync(device: torch.device) -> None:
 def held_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors and arrays an optimizer holds beyond its momentum buffers (GSM's selection buffers)."""
     selection = getattr(optimizer, "_selection", None)
+    return 0 if selection is None else _bytes_in(selection)
+
+
+def _bytes_in(holder: object) -> int:
+    """Bytes of the tensors and arrays among the attributes of `holder` and of the gsm objects it holds (the
+    host search's candidates)."""
     total = 0
-    for value in (vars(selection).values() if selection is not None else ()):
+    for value in vars(holder).values():
         if isinstance(value, Tensor):
             total += value.numel() * value.element_size()
         elif hasattr(value, "nbytes"):
             total += int(value.nbytes)
+        elif type(value).__module__.startswith("gsm.") and hasattr(value, "__dict__"):
+            total += _bytes_in(value)
     return total
 
 

@@ -1,23 +1,27 @@
-/* GSM's two host kernels for float32 arrays in host memory, as a CPython extension module (gsm._host_kernels,
+/* GSM's host kernels for float32 arrays in host memory, as a CPython extension module (gsm._host_kernels,
    called by gsm/host_kernels.py, which checks every tensor before its address gets here).
 
-   candidates: one pass over the weights and gradients that collects the metric |w * g| of the elements at or
-   above a bound (NaN included: it ranks above every number), among which the exact Q-th largest metric tau
-   is found (kth_largest).
+   The exact Q-th largest metric tau of |w * g| (NaN included: it ranks above every number) is found by the
+   bit patterns of the metrics, which order non-negative floats as integers, in buckets of their high and low
+   16 bits, without a buffer of every metric:
+   candidates: one pass over the weights and gradients that counts the metrics at or above a bound by their
+   high 16 bits and keeps them, up to a capacity; kth_in_bucket then selects tau among the kept ones of the
+   bucket that the counts point to. When more pass the bound than the capacity holds, bucket_lows, one more
+   pass, counts the metrics of that bucket by their low 16 bits instead, which gives tau as well.
    update: one pass that applies the momentum-SGD update with the loss gradient only where |w * g| >= tau (or
    is NaN), in torch.optim.SGD's order of operations (d = mask * g + wd * w; b = momentum * b + d; w -= lr * b,
    or w -= lr * (d + momentum * b) with Nesterov), without building a mask or a masked gradient.
 
-   Both split large work over the threads of torch's own OpenMP pool, through the GOMP_parallel entry point of
+   They split large work over the threads of torch's own OpenMP pool, through the GOMP_parallel entry point of
    the runtime that use_openmp is given (the pool whose threads torch's operators use, and which
    gsm.flush_denormals has set to flush subnormals to zero); without it they run on the calling thread. Every
-   element's arithmetic is the same whatever the number of threads, and the candidates keep their order, so
-   the results do not depend on it. Each kernel has an AVX2 version chosen at run time on x86-64; it performs
-   the same IEEE operations as the portable version (the package builds with -ffp-contract=off: no fused
-   multiply-add anywhere), so the results do not depend on the processor either.
+   element's arithmetic is the same whatever the number of threads, so the counts and tau do not depend on it
+   (only the order in which the candidates are kept does). Each kernel has an AVX2 version chosen at run time
+   on x86-64; it performs the same IEEE operations as the portable version (the package builds with
+   -ffp-contract=off: no fused multiply-add anywhere), so the results do not depend on the processor either.
 
-   The Python-facing functions check what they can see (lengths, sizes, alignment, the output buffer's type
-   and room, overlaps between the memory they write and any other they touch) and raise ValueError or
+   The Python-facing functions check what they can see (lengths, sizes, alignment, the output buffers' types,
+   sizes and room, overlaps between the memory they write and any other they touch) and raise ValueError or
    TypeError before any kernel runs. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -109,13 +113,38 @@ static int segment(const struct arrays *a, Py_ssize_t t, int64_t offset, int64_t
 
 /* ---- candidates -------------------------------------------------------------------------------------- */
 
+/* The buckets of a metric's bit pattern: its high 16 bits (the sign bit is 0, so below 2^15) and its low 16. */
+#define HIGH_BUCKETS 32768
+#define LOW_BUCKETS 65536
+/* Candidates a thread gathers in a buffer of its own before it hands them over to the shared output. */
+#define STAGE 1024
+/* A thread counts the candidates by their high bits into this many tables in turn: successive increments of
+   one bucket then rarely wait for each other. */
+#define TABLES 4
+/* A thread's uint32 counts are added to the shared int64 histogram before they could overflow. */
+#define MERGE_EVERY ((int64_t)1 << 31)
+
+/* w * g, with w the first operand of the multiply. When both are NaN, the processor returns the first
+   operand's NaN (on x86), and compilers order the operands of a product as they see fit, differently from one
+   loop to another; the ranking orders NaNs by their bit patterns, so every kernel that computes a metric for
+   the ranking takes this order, on x86 by naming the instruction. */
+static ALWAYS_INLINE float product(float w, float g)
+{
+#ifdef GSM_X86
+    __asm__("mulss %1, %0" : "+x"(w) : "x"(g)); /* w = w * g */
+    return w;
+#else
+    return w * g;
+#endif
+}
+
 /* A metric is a candidate when it is not below the bound: NaN is (it ranks above every number, as in
    torch.topk). */
 static ALWAYS_INLINE int64_t candidates_portable(const float *w, const float *g, int64_t n, float bound, float *out)
 {
     int64_t found = 0;
     for (int64_t i = 0; i < n; i++) {
-        float m = fabsf(w[i] * g[i]);
+        float m = fabsf(product(w[i], g[i]));
         out[found] = m; /* kept only when it passes: the next write goes to the same place otherwise */
         found += !(m < bound);
     }
@@ -140,15 +169,25 @@ static void fill_pack_order(void)
     }
 }
 
+/* The metrics |w * g| of 8 elements, computed as candidates_portable and bucket_lows_portable compute them
+   (w the first operand, see `product`). */
+__attribute__((target("avx2")))
+static ALWAYS_INLINE __m256 metric8(const float *w, const float *g)
+{
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m;
+    __asm__("vmulps %2, %1, %0" : "=x"(m) : "x"(_mm256_loadu_ps(w)), "x"(_mm256_loadu_ps(g))); /* m = w * g */
+    return _mm256_and_ps(m, magnitude);
+}
+
 /* Writes at most 7 floats past the candidates found, never past out + n. */
 __attribute__((target("avx2,popcnt")))
 static int64_t candidates_avx2(const float *w, const float *g, int64_t n, float bound, float *out)
 {
-    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 at_least = _mm256_set1_ps(bound);
     int64_t found = 0, i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 m = _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(g + i)), magnitude);
+        __m256 m = metric8(w + i, g + i);
         int mask = _mm256_movemask_ps(_mm256_cmp_ps(m, at_least, _CMP_NLT_UQ)); /* not below; NaN passes */
         if (mask) {
             __m256i order = _mm256_loadu_si256((const __m256i *)pack_order[mask]);
@@ -160,57 +199,215 @@ static int64_t candidates_avx2(const float *w, const float *g, int64_t n, float 
 }
 #endif
 
+/* Adds a thread's non-zero counts to the shared histogram and zeroes them. */
+static void merge_counts(uint32_t *counts, int buckets, int64_t *histogram)
+{
+    for (int b = 0; b < buckets; b++)
+        if (counts[b]) {
+            __atomic_fetch_add(&histogram[b], (int64_t)counts[b], __ATOMIC_RELAXED);
+            counts[b] = 0;
+        }
+}
+
 struct candidates_job {
     struct arrays a;
     float bound;
     float *out;
+    int64_t capacity; /* the floats `out` holds: writing stops there, counting goes on */
+    int64_t cursor;   /* the candidates handed over so far by every thread, the next one's place in `out` */
+    uint32_t *counts; /* per thread, TABLES tables of HIGH_BUCKETS counts */
+    int64_t *histogram;
     int parallel;
-    int64_t start[MAX_THREADS], found[MAX_THREADS];
 };
 
-/* Each thread collects the candidates of its share into `out` from the share's first index on: a share of
-   n elements has at most n candidates, so the shares' regions do not overlap. */
+/* Hands `n` staged candidates over: reserves their places in `out` (a fetch-add on the shared cursor, so that
+   threads never write the same place), copies those that fit below the capacity, and counts them by their
+   high 16 bits into the thread's TABLES tables of HIGH_BUCKETS counts. */
+static void hand_over(struct candidates_job *job, const float *stage, int64_t n, uint32_t *counts)
+{
+    int64_t at = __atomic_fetch_add(&job->cursor, n, __ATOMIC_RELAXED);
+    if (at < job->capacity)
+        memcpy(job->out + at, stage, (size_t)(n < job->capacity - at ? n : job->capacity - at) * sizeof(float));
+    int64_t i = 0;
+    for (; i + TABLES <= n; i += TABLES) {
+        uint32_t bits[TABLES];
+        memcpy(bits, &stage[i], sizeof bits);
+        for (int table = 0; table < TABLES; table++)
+            counts[table * HIGH_BUCKETS + (bits[table] >> 16)]++;
+    }
+    for (; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &stage[i], sizeof bits);
+        counts[bits >> 16]++;
+    }
+}
+
+/* Adds a thread's TABLES tables of counts to the shared histogram and zeroes them. */
+static void merge_tables(uint32_t *counts, int64_t *histogram)
+{
+    for (int table = 0; table < TABLES; table++)
+        merge_counts(counts + (size_t)table * HIGH_BUCKETS, HIGH_BUCKETS, histogram);
+}
+
+/* Each thread gathers the candidates of its share in a small buffer on its stack and hands them over when it
+   is half full, so that the output needs room for the candidates alone, in the order the threads hand them
+   over. */
 static void candidates_share(void *data)
 {
     struct candidates_job *job = data;
     const struct arrays *a = &job->a;
+    float stage[STAGE];
     int me;
-    int64_t lo, hi, from, to, found = 0, offset = 0;
+    int64_t lo, hi, from, to, offset = 0, staged = 0, unmerged = 0;
     share(job->parallel, a->total, &me, &lo, &hi);
+    uint32_t *counts = job->counts + (size_t)me * TABLES * HIGH_BUCKETS;
     for (Py_ssize_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
         if (!segment(a, t, offset, lo, hi, &from, &to))
             continue;
-        float *out = job->out + lo + found;
+        for (int64_t i = from; i < to;) {
+            /* at most STAGE - staged elements, so that their candidates (and the vector version's spill) fit, and
+               a multiple of 8 but at the end of the segment, so that the vector version leaves no elements to
+               its scalar tail but there */
+            int64_t room = (STAGE - staged) / 8 * 8;
+            int64_t n = to - i < room ? to - i : room;
 #ifdef GSM_X86
-        if (use_avx2) {
-            found += candidates_avx2(a->w[t] + from, a->g[t] + from, to - from, job->bound, out);
-            continue;
-        }
+            if (use_avx2)
+                staged += candidates_avx2(a->w[t] + i, a->g[t] + i, n, job->bound, stage + staged);
+            else
 #endif
-        found += candidates_portable(a->w[t] + from, a->g[t] + from, to - from, job->bound, out);
+                staged += candidates_portable(a->w[t] + i, a->g[t] + i, n, job->bound, stage + staged);
+            i += n;
+            if (staged >= STAGE / 2) {
+                hand_over(job, stage, staged, counts);
+                unmerged += staged;
+                staged = 0;
+                if (unmerged >= MERGE_EVERY - STAGE) {
+                    merge_tables(counts, job->histogram);
+                    unmerged = 0;
+                }
+            }
+        }
     }
-    job->start[me] = lo;
-    job->found[me] = found;
+    hand_over(job, stage, staged, counts);
+    merge_tables(counts, job->histogram);
 }
 
-/* Writes the candidates of the arrays to `out` (room for a->total + 8 floats), in order; returns their count. */
-static int64_t collect_candidates(struct arrays a, float bound, float *out, long threads)
+/* Writes at most `capacity` candidates of the arrays to `out`, in no fixed order, counts every candidate by its
+   high 16 bits into `histogram` (HIGH_BUCKETS, overwritten), and returns their exact number, also when it is
+   above the capacity; -1 when the threads' counts cannot be allocated. */
+static int64_t collect_candidates(struct arrays a, float bound, float *out, int64_t capacity, int64_t *histogram,
+                                  long threads)
 {
     struct candidates_job job;
     job.a = a;
     job.bound = bound;
     job.out = out;
+    job.capacity = capacity;
+    job.cursor = 0;
+    job.histogram = histogram;
     int count = thread_count(a.total, threads);
-    for (int i = 0; i < count; i++)
-        job.found[i] = 0, job.start[i] = 0;
+    job.counts = PyMem_RawCalloc((size_t)count * TABLES * HIGH_BUCKETS, sizeof(uint32_t));
+    if (job.counts == NULL)
+        return -1;
+    memset(histogram, 0, HIGH_BUCKETS * sizeof(int64_t));
     run(candidates_share, &job, &job.parallel, count);
-    int64_t found = job.parallel ? 0 : job.found[0];
-    if (job.parallel) /* close the gaps between the shares' regions, in order */
-        for (int i = 0; i < count; i++) {
-            if (job.found[i] && job.start[i] != found)
-                memmove(out + found, out + job.start[i], (size_t)job.found[i] * sizeof(float));
-            found += job.found[i];
+    PyMem_RawFree(job.counts);
+    return job.cursor;
+}
+
+/* ---- bucket_lows ------------------------------------------------------------------------------------- */
+
+/* Counts by their low 16 bits the metrics of the elements whose high 16 bits are `high`. */
+static ALWAYS_INLINE void bucket_lows_portable(const float *w, const float *g, int64_t n, uint32_t high,
+                                               uint32_t *counts)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float m = fabsf(product(w[i], g[i]));
+        uint32_t bits;
+        memcpy(&bits, &m, sizeof bits);
+        if (bits >> 16 == high)
+            counts[bits & 0xffff]++;
+    }
+}
+
+#ifdef GSM_X86
+__attribute__((target("avx2")))
+static void bucket_lows_avx2(const float *w, const float *g, int64_t n, uint32_t high, uint32_t *counts)
+{
+    const __m256i wanted = _mm256_set1_epi32((int)high);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i bits = _mm256_castps_si256(metric8(w + i, g + i));
+        int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(bits, 16), wanted)));
+        if (mask) {
+            uint32_t lanes[8];
+            _mm256_storeu_si256((__m256i *)lanes, bits);
+            for (; mask; mask &= mask - 1)
+                counts[lanes[__builtin_ctz(mask)] & 0xffff]++;
         }
+    }
+    bucket_lows_portable(w + i, g + i, n - i, high, counts);
+}
+#endif
+
+struct bucket_lows_job {
+    struct arrays a;
+    uint32_t high;
+    uint32_t *counts; /* per thread, LOW_BUCKETS counts */
+    int64_t *histogram;
+    int parallel;
+};
+
+static void bucket_lows_share(void *data)
+{
+    struct bucket_lows_job *job = data;
+    const struct arrays *a = &job->a;
+    int me;
+    int64_t lo, hi, from, to, offset = 0, unmerged = 0;
+    share(job->parallel, a->total, &me, &lo, &hi);
+    uint32_t *counts = job->counts + (size_t)me * LOW_BUCKETS;
+    for (Py_ssize_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
+        if (!segment(a, t, offset, lo, hi, &from, &to))
+            continue;
+        for (int64_t i = from; i < to;) { /* pieces short enough for the uint32 counts */
+            int64_t n = to - i < MERGE_EVERY - unmerged ? to - i : MERGE_EVERY - unmerged;
+#ifdef GSM_X86
+            if (use_avx2)
+                bucket_lows_avx2(a->w[t] + i, a->g[t] + i, n, job->high, counts);
+            else
+#endif
+                bucket_lows_portable(a->w[t] + i, a->g[t] + i, n, job->high, counts);
+            i += n;
+            unmerged += n;
+            if (unmerged == MERGE_EVERY) {
+                merge_counts(counts, LOW_BUCKETS, job->histogram);
+                unmerged = 0;
+            }
+        }
+    }
+    merge_counts(counts, LOW_BUCKETS, job->histogram);
+}
+
+/* Counts the metrics of the arrays whose high 16 bits are `high` by their low 16 bits into `histogram`
+   (LOW_BUCKETS, overwritten): with the candidates' histogram of the high bits, this finds the k-th largest
+   metric exactly without storing the metrics. Returns how many there are, or -1 when the threads' counts
+   cannot be allocated. */
+static int64_t count_bucket_lows(struct arrays a, uint32_t high, int64_t *histogram, long threads)
+{
+    struct bucket_lows_job job;
+    job.a = a;
+    job.high = high;
+    job.histogram = histogram;
+    int count = thread_count(a.total, threads);
+    job.counts = PyMem_RawCalloc((size_t)count * LOW_BUCKETS, sizeof(uint32_t));
+    if (job.counts == NULL)
+        return -1;
+    memset(histogram, 0, LOW_BUCKETS * sizeof(int64_t));
+    run(bucket_lows_share, &job, &job.parallel, count);
+    PyMem_RawFree(job.counts);
+    int64_t found = 0;
+    for (int b = 0; b < LOW_BUCKETS; b++)
+        found += histogram[b];
     return found;
 }
 
@@ -249,6 +446,93 @@ static float select_kth_largest(float *values, int64_t count, int64_t k)
     float tau;
     memcpy(&tau, &prefix, sizeof tau);
     return tau;
+}
+
+/* Moves the values whose high 16 bits are `high` to the front of `values`, in order; returns their count. */
+static int64_t keep_bucket_portable(float *values, int64_t count, uint32_t high)
+{
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; i++) {
+        uint32_t bits;
+        memcpy(&bits, &values[i], sizeof bits);
+        values[kept] = values[i]; /* kept only when it matches, as in candidates_portable */
+        kept += bits >> 16 == high;
+    }
+    return kept;
+}
+
+#ifdef GSM_X86
+/* The 8 values a block holds are loaded before any store, and a store at `kept` <= i ends before the next
+   block, so the left pack works in place. */
+__attribute__((target("avx2,popcnt")))
+static int64_t keep_bucket_avx2(float *values, int64_t count, uint32_t high)
+{
+    const __m256i wanted = _mm256_set1_epi32((int)high);
+    int64_t kept = 0, i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256 v = _mm256_loadu_ps(values + i);
+        int mask = _mm256_movemask_ps(
+            _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(_mm256_castps_si256(v), 16), wanted)));
+        if (mask) {
+            __m256i order = _mm256_loadu_si256((const __m256i *)pack_order[mask]);
+            _mm256_storeu_ps(values + kept, _mm256_permutevar8x32_ps(v, order));
+            kept += __builtin_popcount(mask);
+        }
+    }
+    int64_t rest = keep_bucket_portable(values + i, count - i, high);
+    memmove(values + kept, values + i, (size_t)rest * sizeof(float));
+    return kept + rest;
+}
+#endif
+
+struct keep_job {
+    float *values;
+    int64_t count;
+    uint32_t high;
+    int parallel;
+    int64_t start[MAX_THREADS], kept[MAX_THREADS];
+};
+
+/* Each thread moves the values of the bucket in its share to the front of the share. */
+static void keep_share(void *data)
+{
+    struct keep_job *job = data;
+    int me;
+    int64_t lo, hi;
+    share(job->parallel, job->count, &me, &lo, &hi);
+#ifdef GSM_X86
+    if (use_avx2)
+        job->kept[me] = keep_bucket_avx2(job->values + lo, hi - lo, job->high);
+    else
+#endif
+        job->kept[me] = keep_bucket_portable(job->values + lo, hi - lo, job->high);
+    job->start[me] = lo;
+}
+
+/* The rank-th largest (1-based) of the values whose high 16 bits are `high`, into *tau: the values of one
+   bucket of the candidates' histogram, a few among them, are moved to the front (the shares of the threads
+   first to the fronts of the shares, then together) and radix-selected. -1 when fewer than `rank` values are
+   in the bucket. Reorders `values`. */
+static int select_in_bucket(float *values, int64_t count, uint32_t high, int64_t rank, long threads, float *tau)
+{
+    struct keep_job job;
+    job.values = values;
+    job.count = count;
+    job.high = high;
+    int shares = thread_count(count, threads);
+    for (int i = 0; i < shares; i++)
+        job.start[i] = 0, job.kept[i] = 0;
+    run(keep_share, &job, &job.parallel, shares);
+    int64_t kept = 0;
+    for (int i = 0; i < shares; i++) {
+        if (job.kept[i] && job.start[i] != kept)
+            memmove(values + kept, values + job.start[i], (size_t)job.kept[i] * sizeof(float));
+        kept += job.kept[i];
+    }
+    if (kept < rank)
+        return -1;
+    *tau = select_kth_largest(values, kept, rank);
+    return 0;
 }
 
 /* ---- update ------------------------------------------------------------------------------------------ */
@@ -464,12 +748,13 @@ static int refuse_overlaps(struct range *ranges, Py_ssize_t count)
     return 0;
 }
 
-/* The ranges of the arrays of a call (weights and buffers written when `writes`, gradients read), plus `out`
-   (written) when given; ValueError when they overlap as refuse_overlaps says. */
-static int check_ranges(const struct call *c, int writes, const Py_buffer *out)
+/* The ranges of the arrays of a call (weights and buffers written when `writes`, gradients read), plus the
+`count` buffers `outs` (written, named by `roles`); ValueError when they overlap as refuse_overlaps says. */
+static int check_ranges(const struct call *c, int writes, const Py_buffer *outs, const char *const *roles,
+                        Py_ssize_t count)
 {
     Py_ssize_t n = 0;
-    struct range *ranges = PyMem_Calloc((size_t)(3 * c->count + 1), sizeof *ranges);
+    struct range *ranges = PyMem_Calloc((size_t)(3 * c->count + count + 1), sizeof *ranges);
     if (ranges == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -481,8 +766,9 @@ static int check_ranges(const struct call *c, int writes, const Py_buffer *out)
         if (c->b[t] != NULL)
             ranges[n++] = (struct range){(uintptr_t)c->b[t], (uintptr_t)c->b[t] + bytes, 1, "momentum buffer", t};
     }
-    if (out != NULL)
-        ranges[n++] = (struct range){(uintptr_t)out->buf, (uintptr_t)out->buf + (uintptr_t)out->len, 1, "out", 0};
+    for (Py_ssize_t i = 0; i < count; i++)
+        ranges[n++] = (struct range){(uintptr_t)outs[i].buf, (uintptr_t)outs[i].buf + (uintptr_t)outs[i].len, 1,
+                                     roles[i], 0};
     int status = refuse_overlaps(ranges, n);
     PyMem_Free(ranges);
     return status;
@@ -534,18 +820,40 @@ static int float_buffer(PyObject *object, Py_buffer *view, const char *what)
     return 0;
 }
 
+/* A writable, C-contiguous buffer of exactly `count` int64 items ('q', or 'l' where long is 64 bits), or -1 with
+   TypeError (another type) or ValueError (another size). */
+static int counts_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, const char *what)
+{
+    if (PyObject_GetBuffer(object, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    const char *format = view->format;
+    if (view->itemsize != sizeof(int64_t) || format == NULL || (strcmp(format, "q") != 0 && strcmp(format, "l") != 0)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s must be a writable contiguous int64 array", what);
+        return -1;
+    }
+    if (view->len != count * (Py_ssize_t)sizeof(int64_t)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "%s must hold exactly %zd int64 counts", what, count);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(candidates_doc,
-"candidates(weights, grads, sizes, bound, out, threads) -> int\n\n"
-"Writes |w * g| of every element of the arrays at the addresses `weights` and `grads` (float32, `sizes`\n"
-"elements each) that is >= `bound` or NaN to the front of `out`, in order, and returns how many there are.\n"
-"`out` is a writable float32 buffer with room for every element plus 8.");
+"candidates(weights, grads, sizes, bound, out, histogram, threads) -> int\n\n"
+"Counts |w * g| of every element of the arrays at the addresses `weights` and `grads` (float32, `sizes`\n"
+"elements each) that is >= `bound` or NaN, writes the first of them to the writable float32 buffer `out`, as\n"
+"many as it holds (its capacity), in no fixed order, counts them all by the high 16 bits of their bit patterns\n"
+"into `histogram` (a writable int64 buffer of exactly 32768 counts, overwritten), and returns their exact\n"
+"number, which may be above the capacity.");
 
 static PyObject *py_candidates(PyObject *module, PyObject *args)
 {
-    PyObject *weights, *grads, *sizes, *out;
+    PyObject *weights, *grads, *sizes, *out, *histogram;
     float bound;
     long threads;
-    if (!PyArg_ParseTuple(args, "OOOfOl:candidates", &weights, &grads, &sizes, &bound, &out, &threads))
+    if (!PyArg_ParseTuple(args, "OOOfOOl:candidates", &weights, &grads, &sizes, &bound, &out, &histogram, &threads))
         return NULL;
     struct call c;
     int64_t total = read_arrays(weights, grads, sizes, &c);
@@ -554,29 +862,113 @@ static PyObject *py_candidates(PyObject *module, PyObject *args)
         return NULL;
     }
     Py_ssize_t count = c.count;
-    Py_buffer view;
-    if (float_buffer(out, &view, "out") < 0) {
+    Py_buffer views[2];
+    if (float_buffer(out, &views[0], "out") < 0) {
         release_call(&c);
         return NULL;
     }
-    if (view.len / (Py_ssize_t)sizeof(float) < total + 8) {
-        PyBuffer_Release(&view);
+    if (counts_buffer(histogram, &views[1], HIGH_BUCKETS, "histogram") < 0) {
+        PyBuffer_Release(&views[0]);
         release_call(&c);
-        return PyErr_Format(PyExc_ValueError, "out must hold at least %lld floats", (long long)(total + 8));
+        return NULL;
     }
-    if (check_ranges(&c, 0, &view) < 0) {
-        PyBuffer_Release(&view);
+    static const char *const roles[2] = {"out", "histogram"};
+    if (check_ranges(&c, 0, views, roles, 2) < 0) {
+        PyBuffer_Release(&views[0]);
+        PyBuffer_Release(&views[1]);
         release_call(&c);
         return NULL;
     }
     struct arrays a = {count, c.w, (const float *const *)c.g, NULL, c.sizes, total};
+    int64_t capacity = views[0].len / (Py_ssize_t)sizeof(float), found;
+    Py_BEGIN_ALLOW_THREADS
+    found = collect_candidates(a, bound, views[0].buf, capacity, views[1].buf, threads);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&views[0]);
+    PyBuffer_Release(&views[1]);
+    release_call(&c);
+    if (found < 0)
+        return PyErr_NoMemory();
+    return PyLong_FromLongLong(found);
+}
+
+PyDoc_STRVAR(bucket_lows_doc,
+"bucket_lows(weights, grads, sizes, high, histogram, threads) -> int\n\n"
+"Counts |w * g| of the elements of the arrays (as for `candidates`) whose bit patterns have the high 16 bits\n"
+"`high` (0 <= high < 32768) by their low 16 bits into `histogram` (a writable int64 buffer of exactly 65536\n"
+"counts, overwritten); returns how many there are. Stores no metric.");
+
+static PyObject *py_bucket_lows(PyObject *module, PyObject *args)
+{
+    PyObject *weights, *grads, *sizes, *histogram;
+    long long high;
+    long threads;
+    if (!PyArg_ParseTuple(args, "OOOLOl:bucket_lows", &weights, &grads, &sizes, &high, &histogram, &threads))
+        return NULL;
+    if (high < 0 || high >= HIGH_BUCKETS)
+        return PyErr_Format(PyExc_ValueError, "need 0 <= high < %d, got %lld", HIGH_BUCKETS, high);
+    struct call c;
+    int64_t total = read_arrays(weights, grads, sizes, &c);
+    if (total < 0) {
+        release_call(&c);
+        return NULL;
+    }
+    Py_buffer view;
+    if (counts_buffer(histogram, &view, LOW_BUCKETS, "histogram") < 0) {
+        release_call(&c);
+        return NULL;
+    }
+    static const char *const roles[1] = {"histogram"};
+    if (check_ranges(&c, 0, &view, roles, 1) < 0) {
+        PyBuffer_Release(&view);
+        release_call(&c);
+        return NULL;
+    }
+    struct arrays a = {c.count, c.w, (const float *const *)c.g, NULL, c.sizes, total};
     int64_t found;
     Py_BEGIN_ALLOW_THREADS
-    found = collect_candidates(a, bound, view.buf, threads);
+    found = count_bucket_lows(a, (uint32_t)high, view.buf, threads);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     release_call(&c);
+    if (found < 0)
+        return PyErr_NoMemory();
     return PyLong_FromLongLong(found);
+}
+
+PyDoc_STRVAR(kth_in_bucket_doc,
+"kth_in_bucket(values, count, high, rank, threads) -> float\n\n"
+"The rank-th largest (1-based) of those of the first `count` elements of the writable float32 buffer `values`\n"
+"whose bit patterns have the high 16 bits `high` (0 <= high < 32768): non-negative numbers or NaNs, as\n"
+"`candidates` writes them, ranked by bit pattern (every NaN above +inf). ValueError when fewer than `rank`\n"
+"have them. Reorders the values.");
+
+static PyObject *py_kth_in_bucket(PyObject *module, PyObject *args)
+{
+    PyObject *values;
+    long long count, high, rank;
+    long threads;
+    if (!PyArg_ParseTuple(args, "OLLLl:kth_in_bucket", &values, &count, &high, &rank, &threads))
+        return NULL;
+    if (high < 0 || high >= HIGH_BUCKETS)
+        return PyErr_Format(PyExc_ValueError, "need 0 <= high < %d, got %lld", HIGH_BUCKETS, high);
+    Py_buffer view;
+    if (float_buffer(values, &view, "values") < 0)
+        return NULL;
+    if (rank < 1 || count < rank || count > view.len / (Py_ssize_t)sizeof(float)) {
+        PyBuffer_Release(&view);
+        return PyErr_Format(PyExc_ValueError, "need 1 <= rank <= count <= %zd, got rank=%lld, count=%lld",
+                            view.len / (Py_ssize_t)sizeof(float), rank, count);
+    }
+    float tau;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = select_in_bucket(view.buf, count, (uint32_t)high, rank, threads, &tau);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (status < 0)
+        return PyErr_Format(PyExc_ValueError, "fewer than %lld values in bucket %lld", rank, high);
+    return PyFloat_FromDouble((double)tau);
 }
 
 PyDoc_STRVAR(kth_largest_doc,
@@ -664,7 +1056,7 @@ static PyObject *py_update(PyObject *module, PyObject *args)
         }
         c.settings[t].nesterov = flag;
     }
-    if (check_ranges(&c, 1, NULL) < 0) {
+    if (check_ranges(&c, 1, NULL, NULL, 0) < 0) {
         release_call(&c);
         return NULL;
     }
@@ -731,25 +1123,48 @@ static PyObject *py_uses_avx2(PyObject *module, PyObject *unused)
 #endif
 }
 
+#ifdef GSM_X86
+static int has_avx2 = 0;
+#endif
+
+static PyObject *py_set_avx2(PyObject *module, PyObject *flag)
+{
+    int on = PyObject_IsTrue(flag);
+    if (on < 0)
+        return NULL;
+#ifdef GSM_X86
+    use_avx2 = on && has_avx2;
+    return PyBool_FromLong(use_avx2);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"candidates", py_candidates, METH_VARARGS, candidates_doc},
     {"kth_largest", py_kth_largest, METH_VARARGS, kth_largest_doc},
+    {"kth_in_bucket", py_kth_in_bucket, METH_VARARGS, kth_in_bucket_doc},
+    {"bucket_lows", py_bucket_lows, METH_VARARGS, bucket_lows_doc},
     {"update", py_update, METH_VARARGS, update_doc},
     {"use_openmp", py_use_openmp, METH_O, use_openmp_doc},
     {"last_threads", py_last_threads, METH_NOARGS, "The number of threads that ran the last kernel call."},
     {"uses_avx2", py_uses_avx2, METH_NOARGS, "Whether the kernels run their AVX2 versions."},
+    {"set_avx2", py_set_avx2, METH_O,
+     "Run the AVX2 versions (where the processor has AVX2) or the portable ones, to test both; returns uses_avx2()."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef host_kernels_module = {
     PyModuleDef_HEAD_INIT, "_host_kernels",
-    "GSM's compiled host kernels (candidates, kth_largest, update); gsm.host_kernels checks their arguments.",
+    "GSM's compiled host kernels (candidates, kth_in_bucket, bucket_lows, kth_largest, update); gsm.host_kernels\n"
+    "checks their arguments.",
     -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__host_kernels(void)
 {
 #ifdef GSM_X86
     fill_pack_order();
-    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    use_avx2 = has_avx2;
 #endif
     return PyModule_Create(&host_kernels_module);
 }

@@ -1,15 +1,19 @@
 """GSM's compiled host kernels (the extension gsm._host_kernels) and the one place that checks what reaches them.
 
-`candidates` collects the metric |w * g| of the elements at or above a bound in one pass, so that the Q-th
-largest metric is searched among a few candidates (`kth_largest`); `update` applies the masked momentum-SGD
-update in one pass, recomputing the mask |w * g| >= tau element by element instead of storing it. Together
-they make a GSM step on the CPU cost about what an SGD step costs. On large tensors both split their work over
-the threads of torch's own OpenMP pool (torch.get_num_threads() of them, flushing subnormals as
+`candidates` counts the metrics |w * g| at or above a bound by the high 16 bits of their bit patterns in one
+pass and keeps them up to a capacity, so that the Q-th largest metric is searched among a few of them
+(`kth_in_bucket`), or, when they overflow the capacity, found from one more pass that counts one bucket's
+metrics by their low 16 bits (`bucket_lows`); `update` applies the masked momentum-SGD update in one pass,
+recomputing the mask |w * g| >= tau element by element instead of storing it. Together they make a GSM step
+on the CPU cost about what an SGD step costs, with memory for about Q candidates. On large tensors they split
+their work over the threads of torch's own OpenMP pool (torch.get_num_threads() of them, flushing subnormals as
 `gsm.flush_denormals` set them), with the same results as on one thread.
 
 The kernels take raw addresses, so every tensor is checked here, on every call, against what the kernel will
 touch: dtype, device, shape, strides, density, the extent of its storage, and overlap with the other tensors
-of the call. A tensor that does not pass raises RuntimeError before anything is written.
+of the call. A tensor that does not pass raises RuntimeError before anything is written. The numpy arrays that
+the kernels write (candidates, histograms) are checked on the C side (type, size, contiguity, writability,
+overlap with every tensor of the call), which raises TypeError or ValueError.
 
 The kernels are built with the package (`pip install -e .` compiles them; a C compiler is needed). Without
 them `available()` is False, `status()` says why, and GSM's CPU steps take the generic path of
@@ -142,12 +146,20 @@ class Batch:
                  buffers: Optional[Sequence[Optional[Tensor]]] = None) -> None:
         self.weights, self.grads, self.buffers, self.sizes = _checked(params, grads, buffers)
 
-    def candidates(self, count: int, bound: float, out: np.ndarray) -> int:
-        """Writes |w * g| of every element of the first `count` arrays that is >= `bound` or NaN to the front
-        of `out`, in order, and returns how many there are. `out` is a contiguous float32 array with room for all
-        their elements plus 8."""
+    def candidates(self, count: int, bound: float, out: np.ndarray, histogram: np.ndarray) -> int:
+        """Counts |w * g| of every element of the first `count` arrays that is >= `bound` or NaN, writes as many
+        of them as the float32 array `out` holds (its capacity) to it, in no fixed order, counts them all by
+        their high 16 bits into the int64 array `histogram` (HIGH_BUCKETS counts, overwritten), and returns
+        their exact number, which may exceed the capacity."""
         return _kernels.candidates(self.weights[:count], self.grads[:count], self.sizes[:count], bound, out,
-                                   torch.get_num_threads())
+                                   histogram, torch.get_num_threads())
+
+    def bucket_lows(self, count: int, high: int, histogram: np.ndarray) -> int:
+        """Counts |w * g| of the elements of the first `count` arrays whose bit patterns have the high 16 bits
+        `high` by their low 16 bits into the int64 array `histogram` (LOW_BUCKETS counts, overwritten); returns
+        how many there are."""
+        return _kernels.bucket_lows(self.weights[:count], self.grads[:count], self.sizes[:count], high, histogram,
+                                    torch.get_num_threads())
 
     def update(self, thresholds: Sequence[float], lr: "Setting", momentum: "Setting", weight_decay: "Setting",
                nesterov: Union[bool, Sequence[bool]]) -> List[int]:
@@ -158,11 +170,28 @@ class Batch:
                                _per_array(nesterov, count), torch.get_num_threads())
 
 
-def candidates(weights: Sequence[Tensor], grads: Sequence[Tensor], bound: float, out: np.ndarray) -> int:
-    """Writes |w * g| of every element of `weights` (with `grads`) that is >= `bound` or NaN to the front of
-    `out`, in order, and returns how many there are. `out` is a contiguous float32 array with room for all their
-    elements plus 8."""
-    return Batch(weights, grads).candidates(len(weights), bound, out)
+HIGH_BUCKETS, LOW_BUCKETS = 1 << 15, 1 << 16  # the sign bit of a metric is 0: its high half is below 2^15
+
+
+def candidates(weights: Sequence[Tensor], grads: Sequence[Tensor], bound: float, out: np.ndarray,
+               histogram: Optional[np.ndarray] = None) -> int:
+    """`Batch.candidates` of `weights` (with `grads`): writes up to out.size of the metrics >= `bound` or NaN to
+    `out`, counts them by their high 16 bits into `histogram` (when given) and returns their exact number."""
+    if histogram is None:
+        histogram = np.empty(HIGH_BUCKETS, dtype=np.int64)
+    return Batch(weights, grads).candidates(len(weights), bound, out, histogram)
+
+
+def bucket_lows(weights: Sequence[Tensor], grads: Sequence[Tensor], high: int, histogram: np.ndarray) -> int:
+    """`Batch.bucket_lows` of `weights` (with `grads`)."""
+    return Batch(weights, grads).bucket_lows(len(weights), high, histogram)
+
+
+def kth_in_bucket(values: np.ndarray, count: int, high: int, rank: int) -> np.float32:
+    """The rank-th largest (1-based) of those of the first `count` elements of the float32 array `values` whose
+    bit patterns have the high 16 bits `high`, ranked by bit pattern (a NaN above every number), as
+    `candidates` writes them; ValueError when fewer than `rank` have them. Reorders them."""
+    return np.float32(_kernels.kth_in_bucket(values, count, high, rank, torch.get_num_threads()))
 
 
 def kth_largest(values: np.ndarray, count: int, k: int) -> np.float32:

@@ -3,7 +3,7 @@ import math
 import numbers
 import sys
 from collections import deque
-from typing import Callable, Deque, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Deque, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,12 +24,19 @@ def keep_count(num_prunable: int, nonzero_ratio: float) -> int:
     return int(nonzero_ratio * num_prunable)
 
 
-def kth_largest(collect: Callable[[float], int], found: np.ndarray, k: int, bounds: Sequence[float],
-                select: Callable[[np.ndarray, int, int], np.float32]) -> Tuple[np.float32, int]:
-    """The exact k-th largest metric tau (k >= 1; a NaN ranks above every number, as in torch.topk), from
-    `collect(bound)`, which writes every metric that is >= bound or NaN to the front of the float32 array
-    `found` and returns how many there are, and `select(found, count, k)`, the k-th largest of the first
-    `count`. Returns (tau, the number of candidates it was searched among).
+class Candidates(Protocol):
+    """Where `kth_largest` finds the k-th largest metric: `collect(bound)` gathers the metrics that are >= bound
+    or NaN and returns their exact number; `select(count, k)` is the k-th largest of the `count` gathered by the
+    last collect (1 <= k <= count)."""
+
+    def collect(self, bound: float) -> int: ...
+
+    def select(self, count: int, k: int) -> np.float32: ...
+
+
+def kth_largest(candidates: Candidates, k: int, bounds: Sequence[float]) -> Tuple[np.float32, int]:
+    """The exact k-th largest metric tau (k >= 1; a NaN ranks above every number, as in torch.topk) of
+    `candidates`. Returns (tau, the number of candidates it was searched among).
 
     Each of `bounds` is tried in turn: when at least k metrics pass it, tau lies among them, so only they are
     searched and the answer is that of a full search, only cheaper. When no bound admits k, every metric is
@@ -38,9 +45,9 @@ def kth_largest(collect: Callable[[float], int], found: np.ndarray, k: int, boun
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     for bound in list(bounds) + [0.0]:
-        count = collect(bound)
+        count = candidates.collect(bound)
         if count >= k:
-            return select(found, count, k), count
+            return candidates.select(count, k), count
     return np.float32(0.0), count
 
 
@@ -69,12 +76,11 @@ class ThresholdSearch:
         ratios = sorted(self._ratios) or [0.5]
         return self._previous * self.safety * ratios[min(1, len(ratios) - 1)]
 
-    def __call__(self, collect: Callable[[float], int], found: np.ndarray, k: int,
-                 select: Callable[[np.ndarray, int, int], np.float32]) -> np.float32:
+    def __call__(self, candidates: Candidates, k: int) -> np.float32:
         """tau, the k-th largest metric (see `kth_largest`)."""
         bound = self.bound()
         bounds = () if bound is None else (bound, bound * self.retry)
-        tau, self.last_searched = kth_largest(collect, found, k, bounds, select)
+        tau, self.last_searched = kth_largest(candidates, k, bounds)
         current = float(tau)
         if not math.isfinite(current):  # a non-finite gradient: no bound from it (the next search is whole)
             self._previous = None
@@ -83,6 +89,84 @@ class ThresholdSearch:
             self._ratios.append(min(1.0, current / self._previous))
         self._previous = current
         return tau
+
+
+def rank_in_histogram(counts: np.ndarray, k: int) -> Tuple[int, int]:
+    """(the bucket that holds the k-th largest of the elements that `counts` counts, bucket b holding larger
+    elements than bucket b - 1, and that element's rank from the top inside its bucket, from 1); ValueError
+    when they are fewer than k."""
+    from_top = np.cumsum(counts[::-1])
+    position = int(np.searchsorted(from_top, k))
+    if k < 1 or position == counts.size:
+        raise ValueError(f"the k-th largest of {int(from_top[-1])} elements, k = {k}")
+    bucket = counts.size - 1 - position
+    return bucket, k - int(from_top[position] - counts[bucket])
+
+
+# The high 16 bits of the first quiet NaN (0x7fc00000): a product that is NaN is a quiet NaN.
+_QUIET_NANS = 0x7FC0
+
+
+def spare_capacity(numel: int, k: int) -> int:
+    """How many candidates the host search keeps: 2 k + 4096, at most numel. The bound lets through a little
+    more than k in a steady run, so twice k holds them but for jumps of the threshold, which the route without
+    kept candidates covers at the cost of a second pass over the data; the 4096 floats cover small k, whose
+    candidates outnumber k most."""
+    return min(numel, 2 * k + 4096)
+
+
+class HostCandidates:
+    """The host path's `Candidates` over the first `count` arrays of a checked `host_kernels.Batch` (attached
+    for one step), with memory for `spare_capacity` candidates and one histogram, kept while k and numel stay.
+
+    `collect` runs the candidates kernel: it keeps up to the capacity of the candidates and counts all of them
+    by their high 16 bits, so the bucket of the k-th largest and its rank inside are known after any collect.
+    `select` then finds the k-th largest among the kept candidates of that bucket, or, when they overflowed
+    the capacity (a bound of 0, or one far below the threshold), counts that bucket's metrics by their low 16
+    bits in one more pass over the data, which gives tau's last 16 bits. Exact either way: tau is the k-th
+    largest bit pattern, and bit patterns order the non-negative metrics as numbers (NaN above +inf).
+    `overflowed` says which route the last select took.
+    """
+
+    def __init__(self) -> None:
+        self.found = np.empty(0, dtype=np.float32)
+        self.histogram = np.empty(LOW_BUCKETS, dtype=np.int64)  # the high-bit counts use its first HIGH_BUCKETS
+        self.numel = 0
+        self.overflowed = False
+        self._batch: Optional["host_kernels.Batch"] = None
+        self._count = 0
+
+    def attach(self, batch: "host_kernels.Batch", count: int, k: int) -> None:
+        """Search the first `count` arrays of `batch` for the k-th largest metric."""
+        self._batch, self._count = batch, count
+        self.numel = sum(batch.sizes[:count])
+        capacity = spare_capacity(self.numel, k)
+        if self.found.size != capacity:
+            self.found = np.empty(capacity, dtype=np.float32)
+
+    def detach(self) -> None:
+        """Let go of the batch (valid for one step only)."""
+        self._batch = None
+
+    def collect(self, bound: float) -> int:
+        self.overflowed = False
+        return self._batch.candidates(self._count, bound, self.found, self.histogram[:HIGH_BUCKETS])
+
+    def select(self, count: int, k: int) -> np.float32:
+        bucket, rank = rank_in_histogram(self.histogram[:HIGH_BUCKETS], k)
+        self.overflowed = count > self.found.size
+        if not self.overflowed:
+            return host_kernels.kth_in_bucket(self.found, count, bucket, rank)
+        # Every metric of the bucket, also those below the bound (which rank below every candidate of it): the
+        # rank from the top is the same.
+        if self._batch.bucket_lows(self._count, bucket, self.histogram) < rank:
+            # Only NaNs can differ between the passes (the payload of a product of two NaNs is the first
+            # operand's, which the kernels fix on x86 alone), and any NaN threshold selects the same elements.
+            if bucket < _QUIET_NANS:
+                raise RuntimeError(f"GSM host search: the metrics of bucket {bucket} changed between two passes")
+            return np.array([bucket << 16], dtype=np.uint32).view(np.float32)[0]
+        low, _ = rank_in_histogram(self.histogram, rank)
+        return np.array([bucket << 16 | low], dtype=np.uint32).view(np.float32)[0]
 
 
 def _in_memory_order(p: Tensor, g: Tensor) -> bool:
@@ -253,8 +337,10 @@ class GlobalSelection:
     are >= tau (docs/design.md, section 4, for the two paths).
 
     Host path (`threshold`, on a checked `host_kernels.Batch`): one pass of the candidates kernel collects the
-    metrics at or above a bound that `ThresholdSearch` sets from the previous thresholds, and tau is searched
-    among those few; the result is tau alone, because the update recomputes the mask element by element.
+    metrics at or above a bound that `ThresholdSearch` sets from the previous thresholds and counts them by their
+    high bits, and tau is searched among those few (`HostCandidates`: memory for about 2 Q of them, a second
+    pass over the data when more pass the bound); the result is tau alone, because the update recomputes the
+    mask element by element.
     Generic path (`masked`: GPUs, other dtypes and layouts, no compiled kernels): the metric in one flat float32
     vector (buffers and per-tensor views kept while the tensors keep their shapes, strides and dtypes), `topk`
     for tau and a handful of multi-tensor kernels (metric, mask, conversion, multiply) whatever the number of
@@ -268,7 +354,7 @@ class GlobalSelection:
         self._metric: Optional[Tensor] = None
         self._metric_views: List[Tensor] = []
         self._host_path = False
-        self._found = np.empty(0, dtype=np.float32)
+        self._candidates = HostCandidates()
         self._float_mask: Optional[Tensor] = None
         self._float_mask_views: List[Tensor] = []
 
@@ -309,11 +395,11 @@ class GlobalSelection:
         """The host path: tau (a 0-d tensor), the k-th largest metric (k >= 1) of the first `count` arrays of a
         checked batch."""
         self._host_path = True
-        needed = sum(batch.sizes[:count]) + 8
-        if self._found.size < needed:
-            self._found = np.empty(needed, dtype=np.float32)
-        tau = self.search(lambda bound: batch.candidates(count, bound, self._found), self._found, k,
-                          host_kernels.kth_largest)
+        self._candidates.attach(batch, count, k)
+        try:
+            tau = self.search(self._candidates, k)
+        finally:
+            self._candidates.detach()
         return torch.from_numpy(np.asarray(tau, dtype=np.float32))
 
     def masked(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int,

@@ -138,14 +138,15 @@ def grouped(model: nn.Sequential, layout: str, lr: float) -> list[dict]:
 
 
 @pytest.fixture
-def search_log(monkeypatch) -> list[tuple[int, int, int, int]]:
-    """Records (bounds given, candidates searched, numel, k) of every kth_largest call of the host search."""
-    calls: list[tuple[int, int, int, int]] = []
+def search_log(monkeypatch) -> list[tuple[int, int, int, int, bool]]:
+    """Records (bounds given, candidates searched, numel, k, whether they overflowed the kept candidates' room)
+    of every kth_largest call of the host search."""
+    calls: list[tuple[int, int, int, int, bool]] = []
     original = selection.kth_largest
 
-    def spy(collect, found, k, bounds, select):
-        tau, searched = original(collect, found, k, bounds, select)
-        calls.append((len(bounds), searched, found.size - 8, k))  # `found` has room for every element + 8
+    def spy(candidates, k, bounds):
+        tau, searched = original(candidates, k, bounds)
+        calls.append((len(bounds), searched, candidates.numel, k, candidates.overflowed))
         return tau, searched
 
     monkeypatch.setattr(selection, "kth_largest", spy)
@@ -277,8 +278,8 @@ def test_matches_brute_force(seed, nonzero_ratio, momentum, weight_decay, nester
     # (The optimizer's first step has no bound yet, nor has a step after a zero threshold.)
     hinted = [c for c in search_log if c[0]]
     assert len(search_log) == steps and len(hinted) == positive_thresholds > 0
-    assert any(searched < numel for _, searched, numel, _ in hinted)
-    assert any(searched == numel for _, searched, numel, _ in hinted)
+    assert any(searched < numel for _, searched, numel, _, _ in hinted)
+    assert any(searched == numel for _, searched, numel, _, _ in hinted)
 
 
 @dataclass(frozen=True)
@@ -761,51 +762,108 @@ def test_accelerator_step_is_a_few_kernels_whatever_the_depth(memory_format):
     assert counts["rc20"] == counts["rc110"] <= 60, counts
 
 
-def partition_select(values: np.ndarray, count: int, k: int) -> np.float32:
-    """The k-th largest of the first `count` values by numpy's partition (NaN sorts above every number)."""
-    candidates = values[:count]
-    candidates.partition(count - k)
-    return candidates[count - k]
+class NumpyCandidates:
+    """A `selection.Candidates` in numpy: the values >= bound or NaN, selected by numpy's partition (which sorts
+    NaN above every number); records the bounds it is given."""
 
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.numel = values.size
+        self.bounds_seen: list[float] = []
+        self.found = np.empty(0, dtype=np.float32)
 
-def numpy_collect(values: np.ndarray, found: np.ndarray, bounds_seen: list):
-    """What host_kernels.candidates does, in numpy: the values >= bound or NaN, in order, to `found`."""
-    def collect(bound):
-        bounds_seen.append(bound)
-        chosen = values[~(values < bound)]
-        found[:chosen.size] = chosen
-        return chosen.size
-    return collect
+    def collect(self, bound: float) -> int:
+        self.bounds_seen.append(bound)
+        self.found = self.values[~(self.values < bound)]
+        return self.found.size
+
+    def select(self, count: int, k: int) -> np.float32:
+        assert count == self.found.size
+        chosen = self.found.copy()
+        chosen.partition(count - k)
+        return chosen[count - k]
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 1), (10, 10), (1000, 3), (1000, 31), (1000, 32), (1000, 700),
                                  (5000, 156), (5000, 157)])
 def test_kth_largest_equals_sorting(n, k):
+    """The bounds in turn, then 0: the first that admits k is searched, whatever the others."""
     gen = np.random.default_rng(n + k)
     for values in (gen.random(n, dtype=np.float32), gen.integers(0, 5, n).astype(np.float32)):
         expected = np.sort(values)[::-1][k - 1]
-        found = np.empty(n + 8, dtype=np.float32)
-        bounds_seen = []
-        collect = numpy_collect(values, found, bounds_seen)
+        candidates = NumpyCandidates(values)
         count_at_least = lambda bound: int((values >= bound).sum())  # noqa: E731
         high = float(expected) + 1e-3  # admits fewer than k
         low = float(expected) * 0.9  # admits k or more
         for bounds, searched, tried in [((), n, 1), ((low,), count_at_least(low), 1), ((high,), n, 2),
                                         ((high, low), count_at_least(low), 2), ((high, high), n, 3)]:
-            bounds_seen.clear()
-            tau, searched_now = kth_largest(collect, found, k, bounds, partition_select)
+            candidates.bounds_seen.clear()
+            tau, searched_now = kth_largest(candidates, k, bounds)
             assert tau == expected
             assert searched_now == searched >= k
-            assert len(bounds_seen) == tried and (tried == len(bounds) or bounds_seen[-1] == 0.0)
+            assert len(candidates.bounds_seen) == tried and (tried == len(bounds) or candidates.bounds_seen[-1] == 0.0)
 
 
 def test_kth_largest_ranks_nan_above_every_number_and_checks_k():
     """NaN metrics are candidates at any bound and rank first, as in torch.topk."""
-    values = np.array([np.nan, 3.0, np.nan, 1.0], dtype=np.float32)
-    found = np.empty(values.size + 8, dtype=np.float32)
-    collect = numpy_collect(values, found, [])
-    assert np.isnan(kth_largest(collect, found, 2, (5.0,), partition_select)[0])
-    assert kth_largest(collect, found, 3, (5.0, 2.0), partition_select) == (3.0, 3)
-    assert kth_largest(collect, found, 4, (), partition_select) == (1.0, 4)
+    candidates = NumpyCandidates(np.array([np.nan, 3.0, np.nan, 1.0], dtype=np.float32))
+    assert np.isnan(kth_largest(candidates, 2, (5.0,))[0])
+    assert kth_largest(candidates, 3, (5.0, 2.0)) == (3.0, 3)
+    assert kth_largest(candidates, 4, ()) == (1.0, 4)
     with pytest.raises(ValueError):
-        kth_largest(collect, found, 0, (), partition_select)
+        kth_largest(candidates, 0, ())
+
+
+def test_rank_in_histogram():
+    """The bucket of the k-th largest counted element and its rank inside, counted from the top bucket down."""
+    counts = np.array([4, 0, 3, 0, 2], dtype=np.int64)  # bucket 4 holds the largest
+    expected = [(4, 1), (4, 2), (2, 1), (2, 2), (2, 3), (0, 1), (0, 4)]
+    for k, want in zip([1, 2, 3, 4, 5, 6, 9], expected):
+        assert selection.rank_in_histogram(counts, k) == want
+    for k in (0, 10):
+        with pytest.raises(ValueError):
+            selection.rank_in_histogram(counts, k)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_host_search_holds_about_2q_candidates(threads, search_log):
+    """100k weights at ratio 0.01: the host search holds room for 2 Q + 4096 candidates and one histogram, not a
+    float per weight. The first step (bound 0) and the second (a wide first bound) pass more than that room and
+    take the second pass over the data; later steps keep their candidates. Every threshold is exact."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(400, 250))
+        opt = GSM([w], lr=0.01, momentum=0.9, nonzero_ratio=0.01)
+        for step in range(6):
+            w.grad = torch.randn(400, 250) * (1 + 0.1 * step)
+            opt.step()
+        held = opt._selection._candidates
+        q = opt.keep_count
+        assert q == 1000 and held.found.size == 2 * q + 4096 and held.found.dtype == np.float32
+        assert held.histogram.size == selection.LOW_BUCKETS and held.histogram.dtype == np.int64
+        arrays = [v for v in vars(held).values() if isinstance(v, np.ndarray)]
+        arrays += [v for v in vars(opt._selection).values() if isinstance(v, (np.ndarray, torch.Tensor))]
+        assert sum(a.nbytes for a in arrays) <= 4 * (2 * q + 4096) + 8 * selection.LOW_BUCKETS
+        assert opt._selection._metric is None  # nor a flat metric
+        assert [overflowed for *_, overflowed in search_log] == [True, True, False, False, False, False]
+        assert all(searched > 6096 for _, searched, *_ in search_log[:2])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_host_search_is_exact_on_both_routes():
+    """The optimizer's thresholds equal a sort of the metric on the steps that take the second pass and on those
+    that keep their candidates."""
+    torch.manual_seed(1)
+    w = nn.Parameter(torch.randn(300, 300))
+    opt = GSM([w], lr=0.0, momentum=0.0, nonzero_ratio=0.02)
+    routes = []
+    for step, scale in enumerate([1.0, 1.0, 1.0, 50.0, 1.0, 0.001]):
+        w.grad = torch.randn(300, 300) * scale
+        opt.step()
+        metric = (w.detach() * w.grad).abs().reshape(-1)
+        assert torch.equal(opt.last_threshold, torch.sort(metric, descending=True).values[opt.keep_count - 1])
+        routes.append(opt._selection._candidates.overflowed)
+    assert routes[0] and not routes[2] and routes[3]  # 50x larger metrics: the bound admits nearly all of them
