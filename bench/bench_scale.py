@@ -81,6 +81,7 @@ class CompiledStep:
     optimizer."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        torch._dynamo.reset()  # the step of an earlier optimizer is compiled code that guards on that optimizer
         self.inner = optimizer
         self.step = torch.compile(optimizer.step, fullgraph=True)
 
