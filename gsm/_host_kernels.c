@@ -222,12 +222,14 @@ struct candidates_job {
 
 /* Hands `n` staged candidates over: reserves their places in `out` (a fetch-add on the shared cursor, so that
    threads never write the same place), copies those that fit below the capacity, and counts them by their
-   high 16 bits into the thread's TABLES tables of HIGH_BUCKETS counts. */
+   high 16 bits into the thread's TABLES tables of HIGH_BUCKETS counts (unless `counts` is NULL). */
 static void hand_over(struct candidates_job *job, const float *stage, int64_t n, uint32_t *counts)
 {
     int64_t at = __atomic_fetch_add(&job->cursor, n, __ATOMIC_RELAXED);
     if (at < job->capacity)
         memcpy(job->out + at, stage, (size_t)(n < job->capacity - at ? n : job->capacity - at) * sizeof(float));
+    if (counts == NULL)
+        return;
     int64_t i = 0;
     for (; i + TABLES <= n; i += TABLES) {
         uint32_t bits[TABLES];
@@ -242,9 +244,11 @@ static void hand_over(struct candidates_job *job, const float *stage, int64_t n,
     }
 }
 
-/* Adds a thread's TABLES tables of counts to the shared histogram and zeroes them. */
+/* Adds a thread's TABLES tables of counts to the shared histogram and zeroes them (none when NULL). */
 static void merge_tables(uint32_t *counts, int64_t *histogram)
 {
+    if (counts == NULL)
+        return;
     for (int table = 0; table < TABLES; table++)
         merge_counts(counts + (size_t)table * HIGH_BUCKETS, HIGH_BUCKETS, histogram);
 }
@@ -260,7 +264,7 @@ static void candidates_share(void *data)
     int me;
     int64_t lo, hi, from, to, offset = 0, staged = 0, unmerged = 0;
     share(job->parallel, a->total, &me, &lo, &hi);
-    uint32_t *counts = job->counts + (size_t)me * TABLES * HIGH_BUCKETS;
+    uint32_t *counts = job->counts == NULL ? NULL : job->counts + (size_t)me * TABLES * HIGH_BUCKETS;
     for (Py_ssize_t t = 0; t < a->count && offset < hi; offset += a->sizes[t], t++) {
         if (!segment(a, t, offset, lo, hi, &from, &to))
             continue;
@@ -293,8 +297,9 @@ static void candidates_share(void *data)
 }
 
 /* Writes at most `capacity` candidates of the arrays to `out`, in no fixed order, counts every candidate by its
-   high 16 bits into `histogram` (HIGH_BUCKETS, overwritten), and returns their exact number, also when it is
-   above the capacity; -1 when the threads' counts cannot be allocated. */
+   high 16 bits into `histogram` (HIGH_BUCKETS, overwritten; NULL: no counts, and no tables to allocate and
+   merge, for a search among few candidates), and returns their exact number, also when it is above the
+   capacity; -1 when the threads' counts cannot be allocated. */
 static int64_t collect_candidates(struct arrays a, float bound, float *out, int64_t capacity, int64_t *histogram,
                                   long threads)
 {
@@ -306,10 +311,13 @@ static int64_t collect_candidates(struct arrays a, float bound, float *out, int6
     job.cursor = 0;
     job.histogram = histogram;
     int count = thread_count(a.total, threads);
-    job.counts = PyMem_RawCalloc((size_t)count * TABLES * HIGH_BUCKETS, sizeof(uint32_t));
-    if (job.counts == NULL)
-        return -1;
-    memset(histogram, 0, HIGH_BUCKETS * sizeof(int64_t));
+    job.counts = NULL;
+    if (histogram != NULL) {
+        job.counts = PyMem_RawCalloc((size_t)count * TABLES * HIGH_BUCKETS, sizeof(uint32_t));
+        if (job.counts == NULL)
+            return -1;
+        memset(histogram, 0, HIGH_BUCKETS * sizeof(int64_t));
+    }
     run(candidates_share, &job, &job.parallel, count);
     PyMem_RawFree(job.counts);
     return job.cursor;
@@ -845,8 +853,8 @@ PyDoc_STRVAR(candidates_doc,
 "Counts |w * g| of every element of the arrays at the addresses `weights` and `grads` (float32, `sizes`\n"
 "elements each) that is >= `bound` or NaN, writes the first of them to the writable float32 buffer `out`, as\n"
 "many as it holds (its capacity), in no fixed order, counts them all by the high 16 bits of their bit patterns\n"
-"into `histogram` (a writable int64 buffer of exactly 32768 counts, overwritten), and returns their exact\n"
-"number, which may be above the capacity.");
+"into `histogram` (a writable int64 buffer of exactly 32768 counts, overwritten; None: no counts), and returns\n"
+"their exact number, which may be above the capacity.");
 
 static PyObject *py_candidates(PyObject *module, PyObject *args)
 {
@@ -867,25 +875,29 @@ static PyObject *py_candidates(PyObject *module, PyObject *args)
         release_call(&c);
         return NULL;
     }
-    if (counts_buffer(histogram, &views[1], HIGH_BUCKETS, "histogram") < 0) {
+    int counted = histogram != Py_None;
+    if (counted && counts_buffer(histogram, &views[1], HIGH_BUCKETS, "histogram") < 0) {
         PyBuffer_Release(&views[0]);
         release_call(&c);
         return NULL;
     }
     static const char *const roles[2] = {"out", "histogram"};
-    if (check_ranges(&c, 0, views, roles, 2) < 0) {
+    if (check_ranges(&c, 0, views, roles, 1 + counted) < 0) {
         PyBuffer_Release(&views[0]);
-        PyBuffer_Release(&views[1]);
+        if (counted)
+            PyBuffer_Release(&views[1]);
         release_call(&c);
         return NULL;
     }
     struct arrays a = {count, c.w, (const float *const *)c.g, NULL, c.sizes, total};
     int64_t capacity = views[0].len / (Py_ssize_t)sizeof(float), found;
+    int64_t *counts = counted ? views[1].buf : NULL;
     Py_BEGIN_ALLOW_THREADS
-    found = collect_candidates(a, bound, views[0].buf, capacity, views[1].buf, threads);
+    found = collect_candidates(a, bound, views[0].buf, capacity, counts, threads);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&views[0]);
-    PyBuffer_Release(&views[1]);
+    if (counted)
+        PyBuffer_Release(&views[1]);
     release_call(&c);
     if (found < 0)
         return PyErr_NoMemory();

@@ -146,11 +146,12 @@ class Batch:
                  buffers: Optional[Sequence[Optional[Tensor]]] = None) -> None:
         self.weights, self.grads, self.buffers, self.sizes = _checked(params, grads, buffers)
 
-    def candidates(self, count: int, bound: float, out: np.ndarray, histogram: np.ndarray) -> int:
+    def candidates(self, count: int, bound: float, out: np.ndarray, histogram: Optional[np.ndarray]) -> int:
         """Counts |w * g| of every element of the first `count` arrays that is >= `bound` or NaN, writes as many
         of them as the float32 array `out` holds (its capacity) to it, in no fixed order, counts them all by
-        their high 16 bits into the int64 array `histogram` (HIGH_BUCKETS counts, overwritten), and returns
-        their exact number, which may exceed the capacity."""
+        their high 16 bits into the int64 array `histogram` (HIGH_BUCKETS counts, overwritten; None: not
+        counted, which saves the threads' count tables when the candidates are few), and returns their exact
+        number, which may exceed the capacity."""
         return _kernels.candidates(self.weights[:count], self.grads[:count], self.sizes[:count], bound, out,
                                    histogram, torch.get_num_threads())
 

@@ -94,17 +94,27 @@ class ThresholdSearch:
 def rank_in_histogram(counts: np.ndarray, k: int) -> Tuple[int, int]:
     """(the bucket that holds the k-th largest of the elements that `counts` counts, bucket b holding larger
     elements than bucket b - 1, and that element's rank from the top inside its bucket, from 1); ValueError
-    when they are fewer than k."""
-    from_top = np.cumsum(counts[::-1])
-    position = int(np.searchsorted(from_top, k))
-    if k < 1 or position == counts.size:
-        raise ValueError(f"the k-th largest of {int(from_top[-1])} elements, k = {k}")
-    bucket = counts.size - 1 - position
-    return bucket, k - int(from_top[position] - counts[bucket])
+    when they are fewer than k. Found in two levels (rows of 256 buckets, then the buckets of one row), which
+    touches each count once instead of summing all of them from the top."""
+    rows = counts.reshape(-1, 256) if counts.size % 256 == 0 else counts.reshape(1, -1)
+    row_from_top = np.cumsum(rows.sum(axis=1)[::-1])
+    row_position = int(np.searchsorted(row_from_top, k))
+    if k < 1 or row_position == row_from_top.size:
+        raise ValueError(f"the k-th largest of {int(row_from_top[-1])} elements, k = {k}")
+    row = rows.shape[0] - 1 - row_position
+    above_row = int(row_from_top[row_position]) - int(rows[row].sum())
+    in_row_from_top = np.cumsum(rows[row][::-1])
+    position = int(np.searchsorted(in_row_from_top, k - above_row))
+    bucket = row * rows.shape[1] + rows.shape[1] - 1 - position
+    return bucket, k - above_row - int(in_row_from_top[position] - counts[bucket])
 
 
 # The high 16 bits of the first quiet NaN (0x7fc00000): a product that is NaN is a quiet NaN.
 _QUIET_NANS = 0x7FC0
+
+
+# From this many candidates on, the host search counts them as it collects them (see HostCandidates.collect).
+MANY_CANDIDATES = 1 << 17
 
 
 def spare_capacity(numel: int, k: int) -> int:
@@ -119,13 +129,14 @@ class HostCandidates:
     """The host path's `Candidates` over the first `count` arrays of a checked `host_kernels.Batch` (attached
     for one step), with memory for `spare_capacity` candidates and one histogram, kept while k and numel stay.
 
-    `collect` runs the candidates kernel: it keeps up to the capacity of the candidates and counts all of them
-    by their high 16 bits, so the bucket of the k-th largest and its rank inside are known after any collect.
-    `select` then finds the k-th largest among the kept candidates of that bucket, or, when they overflowed
-    the capacity (a bound of 0, or one far below the threshold), counts that bucket's metrics by their low 16
-    bits in one more pass over the data, which gives tau's last 16 bits. Exact either way: tau is the k-th
-    largest bit pattern, and bit patterns order the non-negative metrics as numbers (NaN above +inf).
-    `overflowed` says which route the last select took.
+    `collect` runs the candidates kernel: it keeps up to the capacity of the candidates and, when many are
+    expected (MANY_CANDIDATES at the last search) or they overflow the capacity, counts all of them by their
+    high 16 bits, so that the bucket of the k-th largest and its rank inside are known. `select` then finds the
+    k-th largest among the kept candidates of that bucket, or, when they overflowed the capacity (a bound of 0,
+    or one far below the threshold), counts that bucket's metrics by their low 16 bits in one more pass over
+    the data, which gives tau's last 16 bits; few candidates, all kept and not counted, take a radix select
+    among them. Exact every way: tau is the k-th largest bit pattern, and bit patterns order the non-negative
+    metrics as numbers (NaN above +inf). `overflowed` says whether the last select took the second pass.
     """
 
     def __init__(self) -> None:
@@ -135,6 +146,8 @@ class HostCandidates:
         self.overflowed = False
         self._batch: Optional["host_kernels.Batch"] = None
         self._count = 0
+        self._expect_many = True
+        self._counted = False
 
     def attach(self, batch: "host_kernels.Batch", count: int, k: int) -> None:
         """Search the first `count` arrays of `batch` for the k-th largest metric."""
@@ -150,9 +163,21 @@ class HostCandidates:
 
     def collect(self, bound: float) -> int:
         self.overflowed = False
-        return self._batch.candidates(self._count, bound, self.found, self.histogram[:HIGH_BUCKETS])
+        # Few candidates expected (the last search's were): collected without counts, which cost a fixed time
+        # (the threads' tables) that a radix select of few candidates does not need; counted after all when
+        # they overflow.
+        self._counted = self._expect_many
+        count = self._batch.candidates(self._count, bound, self.found,
+                                       self.histogram[:HIGH_BUCKETS] if self._counted else None)
+        if count > self.found.size and not self._counted:
+            self._counted = True
+            count = self._batch.candidates(self._count, bound, self.found, self.histogram[:HIGH_BUCKETS])
+        return count
 
     def select(self, count: int, k: int) -> np.float32:
+        self._expect_many = count >= MANY_CANDIDATES
+        if not self._counted:  # all of them kept (an overflow is counted): a radix select among them
+            return host_kernels.kth_largest(self.found, count, k)
         bucket, rank = rank_in_histogram(self.histogram[:HIGH_BUCKETS], k)
         self.overflowed = count > self.found.size
         if not self.overflowed:

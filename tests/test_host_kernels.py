@@ -504,9 +504,12 @@ def _with_capacity(candidates: "selection.HostCandidates", capacity: int):
     return attach_with_room
 
 
-def test_threshold_search_checks_both_routes_on_one_bound():
+@pytest.mark.parametrize("expect_many", [True, False], ids=["counted", "uncounted"])
+def test_threshold_search_checks_both_routes_on_one_bound(expect_many):
     """One bound, far below the k-th largest: more candidates than the capacity, so the second pass; a bound
-    just below it: the kept candidates. Both exact, and the same."""
+    just below it: the kept candidates. Both exact, and the same, whether the collect counted the candidates
+    from the start (many expected) or not (few expected: a radix select among the kept ones, and a second
+    collect that counts them when they overflow)."""
     n, k = 200_000, 500
     w, g = random_tensors([n], seed=21)
     metric = (w[0] * g[0]).abs().numpy()
@@ -515,10 +518,27 @@ def test_threshold_search_checks_both_routes_on_one_bound():
     candidates.attach(host_kernels.Batch(w, g), 1, k)
     assert candidates.found.size == 2 * k + 4096
     for bound, overflows in ((float(expected) * 0.01, True), (float(expected) * 0.99, False), (0.0, True)):
+        candidates._expect_many = expect_many
         tau, searched = selection.kth_largest(candidates, k, (bound,))
         assert searched == int((metric >= bound).sum()) and candidates.overflowed is overflows
+        assert candidates._counted is (expect_many or overflows)
         assert bits_of(np.array([tau])) == bits_of(np.array([expected]))
     candidates.detach()
+
+
+def test_rank_in_histogram_equals_a_sum_from_the_top():
+    gen = np.random.default_rng(5)
+    for size in (host_kernels.HIGH_BUCKETS, host_kernels.LOW_BUCKETS, 100):
+        counts = gen.integers(0, 3, size) * (gen.random(size) < 0.05)
+        counts[size // 2] += 2  # at least two elements
+        total = int(counts.sum())
+        for k in sorted({1, 2, total // 3, total - 1, total} - {0}):
+            from_top = np.cumsum(counts[::-1])
+            position = int(np.searchsorted(from_top, k))
+            bucket = size - 1 - position
+            assert selection.rank_in_histogram(counts, k) == (bucket, k - int(from_top[position] - counts[bucket]))
+        with pytest.raises(ValueError):
+            selection.rank_in_histogram(counts, total + 1)
 
 
 def test_second_pass_that_disagrees_on_nans_only(monkeypatch):
