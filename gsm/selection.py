@@ -234,24 +234,29 @@ def _without_autograd(tensors: Sequence[Tensor]) -> List[Tensor]:
     return [t.detach() for t in tensors] if torch.is_grad_enabled() else list(tensors)
 
 
-def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: Sequence[Tensor]) -> None:
-    """w * g of every tensor into its float32 segment of the flat metric (the segments must cover it), computed
-    in float32 whatever the parameters' dtype: a float16 product of small weights and gradients would
-    underflow to ties at zero, whereas the float32 product of two float16 or bfloat16 numbers is exact (short
-    of float32's own underflow)."""
+def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: Sequence[Tensor],
+                  flat: Tensor) -> None:
+    """|w * g| of every tensor into its float32 segment of the flat metric `flat` (the segments must cover it),
+    computed in float32 whatever the parameters' dtype (a float16 product of small weights and gradients would
+    underflow to ties at zero, whereas the float32 product of two float16 or bfloat16 numbers is exact, short
+    of float32's own underflow), its bit patterns made rankable: every NaN one value, `_ONE_NAN`, so that
+    the NaNs tie as topk's do. On the CPU each segment is finished while it is in the cache."""
     params = _without_autograd(params)
     low_precision = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
-    if segments[0].device.type == "cpu":
+    if flat.device.type == "cpu":
         for p, g, segment in zip(params, grads, segments):
             if p.dtype in (torch.float16, torch.bfloat16):
                 segment.copy_(p).mul_(g)  # the product of float32 by float16 is computed in float32
             else:
                 torch.mul(p, g, out=segment)
-    elif low_precision:
+            segment.abs_().view(torch.int32).clamp_(max=_ONE_NAN)
+        return
+    if low_precision:
         torch._foreach_copy_(list(segments), params)
         torch._foreach_mul_(list(segments), list(grads))
     else:  # one multi-tensor multiply and one multi-tensor copy, not a kernel per tensor
         torch._foreach_copy_(list(segments), torch._foreach_mul(params, list(grads)))
+    flat.abs_().view(torch.int32).clamp_(max=_ONE_NAN)
 
 
 # The bit pattern of a NaN float32 one above +inf's (0x7f800000): the one value of every NaN metric.
@@ -399,13 +404,14 @@ class GlobalSelection:
         self._float_mask, self._float_mask_views = None, []
 
     def metric(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-        """The flat metric |w * g|, laid out by `FlatLayout` (a buffer that the next call overwrites)."""
+        """The flat metric |w * g|, laid out by `FlatLayout`, every NaN made `_ONE_NAN` (a buffer that the next
+        call overwrites)."""
         self._prepare(params, grads)
         if self._metric is None:
             self._metric = torch.empty(self._layout.numel, dtype=torch.float32, device=params[0].device)
             self._metric_views = self._layout.views(self._metric)
-        _write_metric(params, grads, self._metric_views)
-        return self._metric.abs_()
+        _write_metric(params, grads, self._metric_views, self._metric)
+        return self._metric
 
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int,
                  fused: Optional[bool] = None) -> Selection:
@@ -439,16 +445,21 @@ class GlobalSelection:
             mask = torch.zeros(self._layout.numel, dtype=torch.bool, device=params[0].device)
             return Selection(None, mask, masked_grads=[torch.zeros_like(g) for g in grads])
         metric = self.metric(params, grads)
-        # Ranked by bit pattern, which orders non-negative floats as numbers and puts every NaN above +inf; the
-        # NaNs, whatever their payload, made one value so that they tie as topk's do.
-        bits = metric.view(torch.int32).clamp_(max=_ONE_NAN)
+        # Ranked by bit pattern, which orders non-negative floats as numbers and puts every NaN above +inf.
+        bits = metric.view(torch.int32)
         threshold_bits, count = kth_largest_bits(bits, k, reduce)
         mask = bits >= threshold_bits
         threshold = threshold_bits.view(torch.float32)
-        if metric.is_cpu or len({g.dtype for g in grads}) > 1:  # the bool mask, multiplied tensor by tensor
+        dtypes = {g.dtype for g in grads}
+        if len(dtypes) > 1:  # mixed dtypes: the bool mask, multiplied tensor by tensor
             return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._layout.views(mask))), count)
+        # The mask in the gradients' dtype, then one multi-tensor multiply: for float32 gradients in the metric's
+        # buffer, which the mask has made free (so no buffer of N more floats), else in one of that dtype.
+        if dtypes == {torch.float32}:
+            metric.copy_(mask)
+            return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._metric_views)), count)
         if self._float_mask is None:
             self._float_mask = torch.empty(self._layout.numel, dtype=grads[0].dtype, device=metric.device)
             self._float_mask_views = self._layout.views(self._float_mask)
-        self._float_mask.copy_(mask)  # on a device: one conversion and one multi-tensor multiply, not a kernel a tensor
+        self._float_mask.copy_(mask)
         return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._float_mask_views)), count)
