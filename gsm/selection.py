@@ -274,14 +274,17 @@ def _halves(bits: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _count(index: Tensor, size: int, weights: Optional[Tensor] = None) -> Tensor:
-    """How many times each value in [0, size) occurs in the integer tensor `index` (int64 counts): bincount on
-    the CPU, a scatter-add elsewhere and when compiled (bincount sizes its result from the data, which would
-    wait for the device)."""
-    if index.is_cpu and not torch.compiler.is_compiling():
+    """How many times each value in [0, size) occurs in the integer tensor `index` (int64 counts; with the bool
+    `weights`, only where they are True): bincount on the CPU, a scatter-add elsewhere and when compiled
+    (bincount sizes its result from the data, which would wait for the device). The scatter-add counts in
+    int32 where no count can overflow it, so that its addends take 4 bytes an element."""
+    if index.is_cpu and weights is None and not torch.compiler.is_compiling():
         return torch.bincount(index, minlength=size)
-    counts = torch.zeros(size, dtype=torch.int64, device=index.device)
-    ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.shape)
-    return counts.index_add_(0, index.to(torch.int32), ones)
+    dtype = torch.int32 if index.numel() < 2 ** 31 else torch.int64
+    addends = (torch.ones((), dtype=dtype, device=index.device).expand(index.shape) if weights is None
+               else weights.to(dtype))
+    counts = torch.zeros(size, dtype=dtype, device=index.device)
+    return counts.index_add_(0, index.to(torch.int32), addends).to(torch.int64)
 
 
 def _rank_in(counts: Tensor, k: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -312,9 +315,8 @@ def kth_largest_bits(bits: Tensor, k: int, reduce: Optional[Reduce] = None) -> T
     in_bucket = high == bucket
     if bits.is_cpu and not torch.compiler.is_compiling():  # the few elements of the bucket, then their lows
         lows = _count(low[in_bucket].to(torch.int32) & 0xFFFF, LOW_BUCKETS)
-    else:  # every element, those outside the bucket counted in one extra bucket that is dropped
-        index = torch.where(in_bucket, low.to(torch.int32) & 0xFFFF, LOW_BUCKETS)
-        lows = _count(index, LOW_BUCKETS + 1)[:LOW_BUCKETS]
+    else:  # every element by its low bits, adding 1 in the bucket and 0 outside: no one counter takes them all
+        lows = _count(low.to(torch.int32) & 0xFFFF, LOW_BUCKETS, weights=in_bucket)
     if reduce is not None:
         reduce(lows)
     low_bucket, _, _, low_through = _rank_in(lows, rank)
