@@ -48,12 +48,12 @@ def _gradients(model: nn.Module, step: int):
     return grads
 
 
-def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+def _worker(rank: int, world_size: int, port: int, out: str, mesh_shape) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        _check(rank, world_size, Path(out))
+        _check(rank, world_size, Path(out), mesh_shape)
     except BaseException:
         (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -61,14 +61,18 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _check(rank: int, world_size: int, out: Path) -> None:
+def _check(rank: int, world_size: int, out: Path, mesh_shape) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    # A 2-D mesh makes HSDP: parameters replicated over its first dimension, sharded over its second.
+    mesh = None if mesh_shape is None else init_device_mesh("cpu", mesh_shape,
+                                                          mesh_dim_names=("replicate", "shard"))
     reference, model = _model(), _model()
     for layer in (model[0], model[2], model[4]):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     common = dict(lr=0.1, momentum=0.9, nonzero_ratio=RATIO)
     unsharded = GSM(_groups(reference), fused=False, **common)
@@ -94,7 +98,7 @@ def _check(rank: int, world_size: int, out: Path) -> None:
     resumed.load_state_dict(shard_opt.state_dict())
     shard_opt = resumed
 
-    if world_size == 2:
+    if world_size == 2 and mesh_shape is None:
         # A training loop: FSDP2 computes the gradients (every rank the same batch, so that their mean is the
         # gradient itself, exactly for two ranks) and GSM steps on its sharded parameters.
         generator = torch.Generator().manual_seed(7)
@@ -123,20 +127,23 @@ def _check(rank: int, world_size: int, out: Path) -> None:
     dist.barrier()
 
 
-def _run(world_size: int, tmp_path: Path) -> None:
+def _run(world_size: int, tmp_path: Path, mesh_shape=None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     try:
-        mp.spawn(_worker, args=(world_size, port, str(tmp_path)), nprocs=world_size)
+        mp.spawn(_worker, args=(world_size, port, str(tmp_path), mesh_shape), nprocs=world_size)
     except Exception:
         errors = [p.read_text() for p in sorted(tmp_path.glob("error*.txt"))]
         pytest.fail("\n".join(errors) or "a rank failed")
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_sharded_gsm_equals_unsharded(world_size, tmp_path):
-    _run(world_size, tmp_path)
+@pytest.mark.parametrize("world_size,mesh_shape", [(2, None), (3, None), (2, (2, 1))],
+                         ids=["2 ranks", "3 ranks", "HSDP 2 replicas"])
+def test_sharded_gsm_equals_unsharded(world_size, mesh_shape, tmp_path):
+    """FSDP2 over 2 and 3 ranks, and HSDP whose two replicas each hold the whole model (a replicating mesh
+    dimension, whose ranks hold copies: their counts must not be summed)."""
+    _run(world_size, tmp_path, mesh_shape)
     reference = torch.load(tmp_path / "reference.pt")
     mask = load_mask(tmp_path / "mask.hdf5")
     assert sorted(mask) == ["0.weight", "2.weight", "4.weight", "6.weight"]
