@@ -7,10 +7,15 @@
 #   rc56_throughput  ResNet-56 throughput with GSM against SGD, and the projected time of the whole
 #                    1100-epoch experiment for each speed option
 #   gsm_step         one GSM step against SGD and a naive GSM (not in the default set)
+#   scale            GSM's step against SGD (foreach, fused) at 25M, 100M and 1B weights, eager and compiled
+#                    (not in the default set)
+#   fsdp2            GSM on a model sharded by FSDP2 on one rank, against SGD and unsharded GSM (not in the
+#                    default set)
 #
 #   bash bench/gpu_checks.sh [OUT_DIR [PART ...]]     (default: gpu_checks, and device tests rc56_throughput)
 #
-# Each part stops at its own time limit (30, 180, 360 and 120 s), so the default set takes under 10 minutes.
+# Each part stops at its own time limit (30, 180, 360, 120, 300 and 120 s), so the default set takes under 10
+# minutes.
 # Its output goes to the terminal and to OUT_DIR/<part>.log. Works from an installed checkout
 # (pip install -r requirements.txt) and from a plain one beside an installed torch, h5py and tqdm (the
 # repository root then goes on PYTHONPATH). Exit status 0 when every part passed.
@@ -22,8 +27,9 @@ parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(device tests rc56_throughput)
 for name in "${parts[@]}"; do
     case "$name" in
-        device|tests|rc56_throughput|gsm_step) ;;
-        *) echo "error: unknown part '$name'; parts: device tests rc56_throughput gsm_step" >&2; exit 2 ;;
+        device|tests|rc56_throughput|gsm_step|scale|fsdp2) ;;
+        *) echo "error: unknown part '$name'; parts: device tests rc56_throughput gsm_step scale fsdp2" >&2
+           exit 2 ;;
     esac
 done
 mkdir -p "$out"
@@ -53,6 +59,10 @@ for name in "${parts[@]}"; do
         tests) part tests 180 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_optimizer.py -k cuda ;;
         rc56_throughput) part rc56_throughput 360 python bench/bench_rc56_throughput.py --epochs 1 ;;
         gsm_step) part gsm_step 120 python bench/bench_gsm_step.py --device cuda ;;
+        scale) part scale 300 bash -c "python bench/bench_scale.py --device cuda --sizes 25e6 1e8 1e9 \
+--no-iteration --rounds 5 && python bench/bench_scale.py --device cuda --sizes 25e6 1e8 --ratios 0.1 \
+--no-iteration --rounds 5 --gsm-path compiled" ;;
+        fsdp2) part fsdp2 120 torchrun --nproc-per-node 1 bench/bench_fsdp2.py --device cuda --size 1e8 ;;
     esac
 done
 exit $status
