@@ -373,10 +373,11 @@ class GlobalSelection:
     high bits, and tau is searched among those few (`HostCandidates`: memory for about 2 Q of them, a second
     pass over the data when more pass the bound); the result is tau alone, because the update recomputes the
     mask element by element.
-    Generic path (`masked`: GPUs, other dtypes and layouts, no compiled kernels): the metric in one flat float32
-    vector (buffers and per-tensor views kept while the tensors keep their shapes, strides and dtypes), `topk`
-    for tau and a handful of multi-tensor kernels (metric, mask, conversion, multiply) whatever the number of
-    tensors, without a host synchronisation; the result is the masked gradients.
+    Generic path (`masked`: GPUs, other dtypes and layouts, no compiled kernels, DTensor shards, traced steps):
+    the metric in one flat float32 vector (buffers and per-tensor views kept while the tensors keep their
+    shapes, strides and dtypes), the radix select `kth_largest_bits` for tau (its counts summed over ranks by
+    `reduce` for sharded parameters) and a handful of multi-tensor kernels (metric, mask, conversion, multiply)
+    whatever the number of tensors, without a host synchronisation; the result is the masked gradients.
     """
 
     def __init__(self) -> None:
