@@ -125,6 +125,31 @@ def spare_capacity(numel: int, k: int) -> int:
     return min(numel, 2 * k + 4096)
 
 
+class TensorCandidates:
+    """The generic path's `Candidates` on the CPU, where a host synchronisation costs nothing: the metrics' bit
+    patterns (`_ONE_NAN` for every NaN) at or above a bound, selected into a new tensor, and the radix select
+    among them; `count` is the number of metrics at or above the last select's answer."""
+
+    overflowed = False  # every candidate is kept
+
+    def __init__(self, bits: Tensor) -> None:
+        self.bits = bits
+        self.numel = bits.numel()
+        self.chosen = bits
+        self.count: Optional[Tensor] = None
+
+    def collect(self, bound: float) -> int:
+        if bound <= 0.0:
+            self.chosen = self.bits
+        else:
+            self.chosen = self.bits[self.bits >= int(np.array(bound, dtype=np.float32).view(np.int32))]
+        return self.chosen.numel()
+
+    def select(self, count: int, k: int) -> np.float32:
+        tau_bits, self.count = kth_largest_bits(self.chosen, k)
+        return np.array(int(tau_bits), dtype=np.int32).view(np.float32)[()]
+
+
 class HostCandidates:
     """The host path's `Candidates` over the first `count` arrays of a checked `host_kernels.Batch` (attached
     for one step), with memory for `spare_capacity` candidates and one histogram, kept while k and numel stay.
@@ -382,6 +407,7 @@ class GlobalSelection:
 
     def __init__(self) -> None:
         self.search = ThresholdSearch()
+        self._generic_search = ThresholdSearch()
         self._key: Optional[tuple] = None
         self._layout: Optional[FlatLayout] = None
         self._metric: Optional[Tensor] = None
@@ -450,7 +476,13 @@ class GlobalSelection:
         metric = self.metric(params, grads)
         # Ranked by bit pattern, which orders non-negative floats as numbers and puts every NaN above +inf.
         bits = metric.view(torch.int32)
-        threshold_bits, count = kth_largest_bits(bits, k, reduce)
+        if bits.is_cpu and reduce is None:  # on the host, among the metrics above the last thresholds' bound
+            candidates = TensorCandidates(bits)
+            tau = self._generic_search(candidates, k)
+            threshold_bits = torch.tensor(int(np.float32(tau).view(np.int32)), dtype=torch.int32)
+            count = candidates.count
+        else:
+            threshold_bits, count = kth_largest_bits(bits, k, reduce)
         mask = bits >= threshold_bits
         threshold = threshold_bits.view(torch.float32)
         dtypes = {g.dtype for g in grads}
