@@ -160,6 +160,10 @@ class GSM(Optimizer):
     takes the generic path: a few multi-tensor operations that build :math:`M` and :math:`d`, the same up to
     rounding.
 
+    DTensor parameters, as FSDP2's ``fully_shard`` makes them, are ranked over all ranks (:mod:`gsm.sharded`):
+    each rank ranks its shards and the ranks sum the selection's counts, so that every rank keeps what
+    unsharded GSM keeps. ``torch.compile`` traces a step whole, on the generic path.
+
     Every step checks every parameter, gradient and momentum buffer before anything is written: a gradient
     or a buffer of another shape or device than its parameter raises RuntimeError, as do sparse gradients,
     and parameters that share memory are refused (ValueError) when added and at each step (their updates
