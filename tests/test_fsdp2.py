@@ -4,7 +4,10 @@ the same gradients, bit for bit (gradients set by hand, so that no reduction ove
 ranks, gradients of a training loop through FSDP2, whose mean of two equal gradients is exact); the hard prune's
 mask and the exports gather the shards."""
 import os
+import re
 import socket
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -177,3 +180,18 @@ def test_mixed_sharded_and_plain_parameters_are_refused(tmp_path):
         assert len(optimizer.param_groups) == 1
     finally:
         dist.destroy_process_group()
+
+
+def test_the_example_prunes_a_sharded_model(tmp_path):
+    """examples/gsm_with_fsdp2.py under torchrun with 2 ranks: 10x kept, and its export, loaded into an unsharded
+    model, computes what the sharded model computes."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "gsm_with_fsdp2.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(example),
+                             "--steps", "40", "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    found = re.match(r"2 ranks; kept (\d+) of 76288 prunable weights \(10\.0x\)", summary)
+    assert found and 7628 <= int(found.group(1)) <= 7640, summary  # Q = 7628, and any ties at the threshold
+    assert summary.endswith("computes the same outputs: True"), summary
+    assert (tmp_path / "mask.hdf5").is_file() and (tmp_path / "pruned_sparse.hdf5").is_file()
