@@ -186,9 +186,10 @@ def test_the_example_prunes_a_sharded_model(tmp_path):
     """examples/gsm_with_fsdp2.py under torchrun with 2 ranks: 10x kept, and its export, loaded into an unsharded
     model, computes what the sharded model computes."""
     example = Path(__file__).resolve().parent.parent / "examples" / "gsm_with_fsdp2.py"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(example),
-                             "--steps", "40", "--out", str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(example),
+               "--steps", "40", "--out", str(tmp_path)]  # --standalone: a free port of its own
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
     found = re.match(r"2 ranks; kept (\d+) of 76288 prunable weights \(10\.0x\)", summary)
