@@ -178,8 +178,6 @@ def candidates(weights: Sequence[Tensor], grads: Sequence[Tensor], bound: float,
                histogram: Optional[np.ndarray] = None) -> int:
     """`Batch.candidates` of `weights` (with `grads`): writes up to out.size of the metrics >= `bound` or NaN to
     `out`, counts them by their high 16 bits into `histogram` (when given) and returns their exact number."""
-    if histogram is None:
-        histogram = np.empty(HIGH_BUCKETS, dtype=np.int64)
     return Batch(weights, grads).candidates(len(weights), bound, out, histogram)
 
 
