@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from gsm import host_kernels
+from gsm.host_kernels import HIGH_BUCKETS, LOW_BUCKETS
 
 
 def check_nonzero_ratio(nonzero_ratio: float) -> None:
@@ -94,8 +95,9 @@ class ThresholdSearch:
 def rank_in_histogram(counts: np.ndarray, k: int) -> Tuple[int, int]:
     """(the bucket that holds the k-th largest of the elements that `counts` counts, bucket b holding larger
     elements than bucket b - 1, and that element's rank from the top inside its bucket, from 1); ValueError
-    when they are fewer than k. Found in two levels (rows of 256 buckets, then the buckets of one row), which
-    touches each count once instead of summing all of them from the top."""
+    when they are fewer than k. The host's twin of `_rank_in`, in numpy and in two levels (rows of 256
+    buckets, then the buckets of one row), which touches each count once: on the CPU it takes far less time
+    than `_rank_in`'s torch operations, and it runs on every counted search."""
     rows = counts.reshape(-1, 256) if counts.size % 256 == 0 else counts.reshape(1, -1)
     row_from_top = np.cumsum(rows.sum(axis=1)[::-1])
     row_position = int(np.searchsorted(row_from_top, k))
@@ -107,6 +109,16 @@ def rank_in_histogram(counts: np.ndarray, k: int) -> Tuple[int, int]:
     position = int(np.searchsorted(in_row_from_top, k - above_row))
     bucket = row * rows.shape[1] + rows.shape[1] - 1 - position
     return bucket, k - above_row - int(in_row_from_top[position] - counts[bucket])
+
+
+def _bits_of(value: float) -> int:
+    """The bit pattern of `value` as a float32, as a (signed) int32."""
+    return int(np.array(value, dtype=np.float32).view(np.int32))
+
+
+def _float_of(bits: int) -> np.float32:
+    """The float32 whose bit pattern is `bits` (a non-negative int below 2^31)."""
+    return np.array(bits, dtype=np.int32).view(np.float32)[()]
 
 
 # The high 16 bits of the first quiet NaN (0x7fc00000): a product that is NaN is a quiet NaN.
@@ -142,12 +154,12 @@ class TensorCandidates:
         if bound <= 0.0:
             self.chosen = self.bits
         else:
-            self.chosen = self.bits[self.bits >= int(np.array(bound, dtype=np.float32).view(np.int32))]
+            self.chosen = self.bits[self.bits >= _bits_of(bound)]
         return self.chosen.numel()
 
     def select(self, count: int, k: int) -> np.float32:
         tau_bits, self.count = kth_largest_bits(self.chosen, k)
-        return np.array(int(tau_bits), dtype=np.int32).view(np.float32)[()]
+        return _float_of(int(tau_bits))
 
 
 class HostCandidates:
@@ -214,9 +226,9 @@ class HostCandidates:
             # operand's, which the kernels fix on x86 alone), and any NaN threshold selects the same elements.
             if bucket < _QUIET_NANS:
                 raise RuntimeError(f"GSM host search: the metrics of bucket {bucket} changed between two passes")
-            return np.array([bucket << 16], dtype=np.uint32).view(np.float32)[0]
+            return _float_of(bucket << 16)
         low, _ = rank_in_histogram(self.histogram, rank)
-        return np.array([bucket << 16 | low], dtype=np.uint32).view(np.float32)[0]
+        return _float_of(bucket << 16 | low)
 
 
 def _in_memory_order(p: Tensor, g: Tensor) -> bool:
@@ -287,7 +299,6 @@ def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: S
 # The bit pattern of a NaN float32 one above +inf's (0x7f800000): the one value of every NaN metric.
 _ONE_NAN = 0x7F800001
 
-HIGH_BUCKETS, LOW_BUCKETS = 1 << 15, 1 << 16  # the sign bit of a metric is 0: its high half is below 2^15
 Reduce = Callable[[Tensor], None]
 
 
@@ -479,7 +490,7 @@ class GlobalSelection:
         if bits.is_cpu and reduce is None:  # on the host, among the metrics above the last thresholds' bound
             candidates = TensorCandidates(bits)
             tau = self._generic_search(candidates, k)
-            threshold_bits = torch.tensor(int(np.float32(tau).view(np.int32)), dtype=torch.int32)
+            threshold_bits = torch.tensor(_bits_of(tau), dtype=torch.int32)
             count = candidates.count
         else:
             threshold_bits, count = kth_largest_bits(bits, k, reduce)
