@@ -126,11 +126,9 @@ def measure(size: float, ratio: float, args: argparse.Namespace) -> Dict[str, Di
     gradient_sets = [[torch.randn_like(p) * 1e-3 for p in params] for _ in range(2)]
     made = {name: factory() for name, factory in optimizers(model, ratio, device, args.gsm_path).items()}
     if args.gsm_path == "compiled":
-        made["GSM eager"] = GSM(params, nonzero_ratio=ratio, fused=False, lr=LR, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY)
+        made["GSM eager"] = optimizers(model, ratio, device, "generic")["GSM"]()
         made["GSM"] = CompiledStep(made["GSM"])
     start = [p.detach().clone() for p in params]
-    states = {}
     for name, optimizer in made.items():  # warm steps, from the same weights: buffers made (and steps compiled)
         for warm in range(2):
             with torch.no_grad():
@@ -139,7 +137,6 @@ def measure(size: float, ratio: float, args: argparse.Namespace) -> Dict[str, Di
             for p, g in zip(params, gradient_sets[warm]):
                 p.grad = g.clone()
             optimizer.step()
-        states[name] = optimizer.state_dict()
     times: Dict[str, Dict[str, List[float]]] = {name: {"step": [], "iteration": []} for name in made}
     peak: Dict[str, int] = {}
     for round_index in range(args.rounds):
