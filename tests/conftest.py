@@ -6,6 +6,7 @@ are meaningful rather than chance.
 """
 from __future__ import annotations
 
+import socket
 import struct
 from pathlib import Path
 
@@ -17,6 +18,13 @@ import dataset
 
 NUM_FAKE_TRAIN = 512
 NUM_FAKE_TEST = 256
+
+
+def free_port() -> int:
+    """A TCP port of this machine that no process listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:

@@ -1,7 +1,6 @@
 """DistributedDataParallel on CPU (gloo, 2 processes): every rank selects the same GSM mask, ranks end with
 identical weights, and those equal a single process running the same global batches."""
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 import dataset
 from base_model import CifarResNet, build_model, init_weights
+from conftest import free_port
 from gsm.experiments.configs import TrainConfig
 from gsm.experiments.multi_gpu import ProcessContext, wrap_model
 from gsm.experiments.trainer import train_stage
@@ -76,14 +76,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
     for key in rank0:
@@ -123,7 +117,7 @@ def test_compiled_batchnorm_resnet_ranks_stay_identical(tmp_path):
     """A CIFAR ResNet (BatchNorm) compiled inside DistributedDataParallel on two gloo ranks: every parameter
     ends bitwise equal on both ranks (the BatchNorm statistics are per rank on the CPU, where SyncBatchNorm is
     not available), and the training moved them."""
-    mp.spawn(_compiled_resnet_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_compiled_resnet_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     torch.manual_seed(0)
     start = dict(_small_resnet().named_parameters())

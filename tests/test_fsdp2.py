@@ -5,7 +5,6 @@ ranks, gradients of a training loop through FSDP2, whose mean of two equal gradi
 mask and the exports gather the shards."""
 import os
 import re
-import socket
 import subprocess
 import sys
 import traceback
@@ -17,8 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port
 from gsm import GSM, load_mask, load_sparse, save_mask, save_sparse
 from gsm.pruning import apply_mask_to_weights, mask_count
+from script_runs import REPO_ROOT
 
 STEPS = 6
 RATIO = 0.1
@@ -131,11 +132,8 @@ def _check(rank: int, world_size: int, out: Path, mesh_shape) -> None:
 
 
 def _run(world_size: int, tmp_path: Path, mesh_shape=None) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     try:
-        mp.spawn(_worker, args=(world_size, port, str(tmp_path), mesh_shape), nprocs=world_size)
+        mp.spawn(_worker, args=(world_size, free_port(), str(tmp_path), mesh_shape), nprocs=world_size)
     except Exception:
         errors = [p.read_text() for p in sorted(tmp_path.glob("error*.txt"))]
         pytest.fail("\n".join(errors) or "a rank failed")
@@ -185,7 +183,7 @@ def test_mixed_sharded_and_plain_parameters_are_refused(tmp_path):
 def test_the_example_prunes_a_sharded_model(tmp_path):
     """examples/gsm_with_fsdp2.py under torchrun with 2 ranks: 10x kept, and its export, loaded into an unsharded
     model, computes what the sharded model computes."""
-    example = Path(__file__).resolve().parent.parent / "examples" / "gsm_with_fsdp2.py"
+    example = REPO_ROOT / "examples" / "gsm_with_fsdp2.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(example),
                "--steps", "40", "--out", str(tmp_path)]  # --standalone: a free port of its own
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
