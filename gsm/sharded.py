@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 except ImportError:  # torch built without distributed support: nothing can be sharded
-    DTensor = Replicate = Shard = None
+    DTensor = Replicate = Shard = distribute_tensor = None
 
 
 def is_sharded(t: object) -> bool:
@@ -87,7 +87,6 @@ def local_part(whole: Tensor, like: Tensor) -> Tensor:
     tensor): `whole` distributed as `like` is, whose local shard is returned."""
     if not is_sharded(like):
         return whole
-    from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements).to_local()
 
 
