@@ -139,27 +139,37 @@ def spare_capacity(numel: int, k: int) -> int:
 
 class TensorCandidates:
     """The generic path's `Candidates` on the CPU, where a host synchronisation costs nothing: the metrics' bit
-    patterns (`_ONE_NAN` for every NaN) at or above a bound, selected into a new tensor, and the radix select
-    among them; `count` is the number of metrics at or above the last select's answer."""
+    patterns (`_ONE_NAN` for every NaN) at or above a bound, copied out by numpy's `compress` over a comparison
+    written into `scratch` (a bool array of the metrics' size), and the k-th largest of them by numpy's
+    `partition` (an introselect, in place in that copy); `count` is the number of metrics at or above it. On the
+    CPU these take a fraction of the time of torch's boolean indexing (an int64 index per candidate first) and
+    of a radix select's counts (`kth_largest_bits`)."""
 
     overflowed = False  # every candidate is kept
 
-    def __init__(self, bits: Tensor) -> None:
-        self.bits = bits
+    def __init__(self, bits: Tensor, scratch: np.ndarray) -> None:
         self.numel = bits.numel()
-        self.chosen = bits
         self.count: Optional[Tensor] = None
+        self._array = bits.numpy()
+        self._scratch = scratch
+        self._chosen = self._array
 
     def collect(self, bound: float) -> int:
         if bound <= 0.0:
-            self.chosen = self.bits
+            self._chosen = self._array
         else:
-            self.chosen = self.bits[self.bits >= _bits_of(bound)]
-        return self.chosen.numel()
+            passed = np.greater_equal(self._array, _bits_of(bound), out=self._scratch)
+            self._chosen = np.compress(passed, self._array)
+        return self._chosen.size
 
     def select(self, count: int, k: int) -> np.float32:
-        tau_bits, self.count = kth_largest_bits(self.chosen, k)
-        return _float_of(int(tau_bits))
+        # The metrics themselves are never reordered: all of them (bound 0) are selected in a copy.
+        chosen = self._chosen.copy() if self._chosen is self._array else self._chosen
+        position = chosen.size - k
+        chosen.partition(position)  # chosen[position] is the k-th largest, those after it are at least as large
+        tau = int(chosen[position])
+        self.count = torch.tensor(k + int(np.count_nonzero(chosen[:position] == tau)))
+        return _float_of(tau)
 
 
 class HostCandidates:
@@ -361,36 +371,32 @@ def kth_largest_bits(bits: Tensor, k: int, reduce: Optional[Reduce] = None) -> T
 
 class Selection(NamedTuple):
     """One step's selection: `threshold`, tau as a 0-d tensor (None when k == 0). Generic path: `masked_grads`,
-    mask * g per tensor (new tensors, which the update may change in place), `active`, the flat bool mask, and
-    `count`, the number of active elements over every rank (a 0-d tensor, read only when asked: reading waits
-    for the device). Host path: none of these; the update applies the mask |w * g| >= tau itself
+    mask * g per tensor (the selection's buffers, valid until its next step, which the update may change in
+    place), and `count`, the number of active elements over every rank (a 0-d tensor, read only when asked:
+    reading waits for the device). Host path: neither; the update applies the mask |w * g| >= tau itself
     (`gsm.host_kernels.update`) and counts the active elements."""
     threshold: Optional[Tensor]
-    active: Optional[Tensor] = None
     masked_grads: Optional[List[Tensor]] = None
     count: Optional[Tensor] = None
 
     @property
     def num_active(self) -> int:
-        """The number of active elements (generic path; 0 when k == 0)."""
-        if self.count is not None:
-            return int(self.count)
-        return 0 if self.active is None else int(self.active.sum())
+        """The number of active elements (generic path)."""
+        return 0 if self.count is None else int(self.count)
 
 
 def _traced_masked(params: Sequence[Tensor], grads: Sequence[Tensor], k: int, reduce: Optional[Reduce]) -> Selection:
     """`GlobalSelection.masked` as torch.compile traces it: the same selection, written without the buffers that
     the eager path keeps from step to step (the compiler plans the memory of its own graph)."""
     if k == 0:
-        return Selection(None, None, [torch.zeros_like(g) for g in grads], torch.zeros((), dtype=torch.int64))
+        return Selection(None, [torch.zeros_like(g) for g in grads], torch.zeros((), dtype=torch.int64))
     flats = [(p.float() * g.float() if p.dtype in (torch.float16, torch.bfloat16) else p * g).reshape(-1)
              for p, g in zip(params, grads)]
     bits = torch.cat(flats).abs().view(torch.int32).clamp(max=_ONE_NAN)
     threshold_bits, count = kth_largest_bits(bits, k, reduce)
     mask = bits >= threshold_bits
     masks = mask.split([p.numel() for p in params])
-    return Selection(threshold_bits.view(torch.float32), mask,
-                     [g * m.view(g.shape) for g, m in zip(grads, masks)], count)
+    return Selection(threshold_bits.view(torch.float32), [g * m.view(g.shape) for g, m in zip(grads, masks)], count)
 
 
 def _fits_host_path(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
@@ -411,9 +417,10 @@ class GlobalSelection:
     mask element by element.
     Generic path (`masked`: GPUs, other dtypes and layouts, no compiled kernels, DTensor shards, traced steps):
     the metric in one flat float32 vector (buffers and per-tensor views kept while the tensors keep their
-    shapes, strides and dtypes), the radix select `kth_largest_bits` for tau (its counts summed over ranks by
-    `reduce` for sharded parameters) and a handful of multi-tensor kernels (metric, mask, conversion, multiply)
-    whatever the number of tensors, without a host synchronisation; the result is the masked gradients.
+    shapes, strides and dtypes); tau by the radix select `kth_largest_bits` on a device (no host
+    synchronisation; its counts summed over ranks by `reduce` for sharded parameters), or on the CPU among the
+    metrics above the bound of `ThresholdSearch` (`TensorCandidates`); then the mask, compared into the
+    metric's buffer as 1 and 0, multiplied in place by the gradients. The result is the masked gradients.
     """
 
     def __init__(self) -> None:
@@ -427,6 +434,7 @@ class GlobalSelection:
         self._candidates = HostCandidates()
         self._float_mask: Optional[Tensor] = None
         self._float_mask_views: List[Tensor] = []
+        self._scratch = np.empty(0, dtype=np.bool_)
 
     @property
     def on_host_path(self) -> bool:
@@ -475,37 +483,46 @@ class GlobalSelection:
 
     def masked(self, params: Sequence[Tensor], grads: Sequence[Tensor], k: int,
                reduce: Optional[Reduce] = None) -> Selection:
-        """The generic path: the threshold, the flat mask and the masked gradients of the k largest metrics; with
+        """The generic path: the threshold, the masked gradients and the count of the k largest metrics; with
         `reduce` (see `kth_largest_bits`), of the k largest over these tensors and those of the other ranks."""
         self._host_path = False
         if torch.compiler.is_compiling():
             return _traced_masked(params, grads, k, reduce)
         self._prepare(params, grads)
         if k == 0:  # no element takes its gradient (zeros, not g * 0, which is NaN where g is infinite)
-            mask = torch.zeros(self._layout.numel, dtype=torch.bool, device=params[0].device)
-            return Selection(None, mask, masked_grads=[torch.zeros_like(g) for g in grads])
+            return Selection(None, [torch.zeros_like(g) for g in grads],
+                             torch.zeros((), dtype=torch.int64, device=params[0].device))
         metric = self.metric(params, grads)
         # Ranked by bit pattern, which orders non-negative floats as numbers and puts every NaN above +inf.
         bits = metric.view(torch.int32)
         if bits.is_cpu and reduce is None:  # on the host, among the metrics above the last thresholds' bound
-            candidates = TensorCandidates(bits)
+            if self._scratch.size != bits.numel():
+                self._scratch = np.empty(bits.numel(), dtype=np.bool_)
+            candidates = TensorCandidates(bits, self._scratch)
             tau = self._generic_search(candidates, k)
             threshold_bits = torch.tensor(_bits_of(tau), dtype=torch.int32)
             count = candidates.count
         else:
             threshold_bits, count = kth_largest_bits(bits, k, reduce)
-        mask = bits >= threshold_bits
         threshold = threshold_bits.view(torch.float32)
         dtypes = {g.dtype for g in grads}
         if len(dtypes) > 1:  # mixed dtypes: the bool mask, multiplied tensor by tensor
-            return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._layout.views(mask))), count)
-        # The mask in the gradients' dtype, then one multi-tensor multiply: for float32 gradients in the metric's
-        # buffer, which the mask has made free (so no buffer of N more floats), else in one of that dtype.
-        if dtypes == {torch.float32}:
-            metric.copy_(mask)
-            return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._metric_views)), count)
-        if self._float_mask is None:
-            self._float_mask = torch.empty(self._layout.numel, dtype=grads[0].dtype, device=metric.device)
-            self._float_mask_views = self._layout.views(self._float_mask)
-        self._float_mask.copy_(mask)
-        return Selection(threshold, mask, list(torch._foreach_mul(list(grads), self._float_mask_views)), count)
+            mask = bits >= threshold_bits
+            return Selection(threshold, list(torch._foreach_mul(list(grads), self._layout.views(mask))), count)
+        # The mask as 1 and 0 in the gradients' dtype, compared from the metric's bits straight into a buffer the
+        # step holds (the metric's own, element by element, for float32 gradients), then multiplied in place by
+        # the gradients: no bool mask and no N new floats (fresh memory costs more than the multiply).
+        if dtypes != {torch.float32}:
+            if self._float_mask is None:
+                self._float_mask = torch.empty(self._layout.numel, dtype=grads[0].dtype, device=metric.device)
+                self._float_mask_views = self._layout.views(self._float_mask)
+            torch.ge(bits, threshold_bits, out=self._float_mask)
+            torch._foreach_mul_(self._float_mask_views, list(grads))
+            return Selection(threshold, list(self._float_mask_views), count)
+        if metric.is_cpu:  # tensor by tensor, each segment's product while its mask is in the cache
+            for view, g in zip(self._metric_views, grads):
+                torch.ge(view.view(torch.int32), threshold_bits, out=view).mul_(g)
+        else:
+            torch.ge(bits, threshold_bits, out=metric)
+            torch._foreach_mul_(self._metric_views, list(grads))
+        return Selection(threshold, list(self._metric_views), count)

@@ -297,8 +297,8 @@ class Path:
 @pytest.fixture(params=["host", "generic", "cuda"])
 def selection_path(request, monkeypatch) -> Path:
     """Each selection path: the host path on the CPU (the compiled kernels); the generic path (multi-tensor
-    kernels, a radix select, no threshold hint) chosen on the CPU with fused=False, as a CPU without the kernels runs
-    it; and on a CUDA device where one exists (cuDNN made deterministic, so that two copies of a model get the
+    kernels and torch's and numpy's operations, no compiled code of ours) chosen on the CPU with fused=False, as a
+    CPU without the kernels runs it; and on a CUDA device where one exists (cuDNN made deterministic, so that two copies of a model get the
     same gradients)."""
     if request.param == "cuda":
         if not torch.cuda.is_available():
@@ -324,7 +324,7 @@ def test_both_selection_paths_match_brute_force(make_model, momentum, weight_dec
                                      steps=30, device=selection_path.device, fused=selection_path.fused)
     assert opt.last_step_fused is selection_path.host
     if not selection_path.host:
-        # On the CPU the generic path narrows its radix select to the metrics above the last thresholds' bound,
+        # On the CPU the generic path narrows its search to the metrics above the last thresholds' bound,
         # as the host path does; on a device it ranks every metric (no host synchronisation).
         assert bool(search_log) == (selection_path.device == "cpu")
 
@@ -362,13 +362,10 @@ def test_flat_metric_layouts_round_trip(selection_path):
         assert torch.equal(d, g * ((p * g).abs() >= chosen.threshold))
 
 
-def chosen_masks(chosen: selection.Selection, params: list[torch.Tensor], grads: list[torch.Tensor],
-                 chooser: selection.GlobalSelection):
-    """A selection's active elements as bool masks shaped like `params`, from either path's result (the host
-    path's is its threshold, which the update applies element by element)."""
-    if chosen.masked_grads is None:
-        return [(p * g).abs() >= chosen.threshold for p, g in zip(params, grads)]
-    return [m for m in chooser._layout.views(chosen.active)]
+def chosen_masks(chosen: selection.Selection, params: list[torch.Tensor], grads: list[torch.Tensor]):
+    """A selection's active elements as bool masks shaped like `params`: the metrics at or above its threshold (the
+    rule both paths apply element by element)."""
+    return [(p * g).abs() >= chosen.threshold for p, g in zip(params, grads)]
 
 
 def test_selection_buffers_follow_layout_changes(selection_path):
@@ -389,7 +386,7 @@ def test_selection_buffers_follow_layout_changes(selection_path):
             assert chooser._layout.segments[0][1] == conv.stride()
         assert (chosen.masked_grads is None) == chooser.on_host_path
         expected, _ = reference_selection(params, grads, 37.5 / 362)  # Q = int(37.5 / 362 * 362) = 37
-        masks = chosen_masks(chosen, params, grads, chooser)
+        masks = chosen_masks(chosen, params, grads)
         assert sum(int(m.sum()) for m in masks) == sum(int(m.sum()) for m in expected) == 37
         for mask, m in zip(masks, expected):
             assert torch.equal(mask, m)

@@ -1,11 +1,14 @@
-"""The generic path's exact k-th largest metric (gsm.selection.kth_largest_bits) against torch.topk, on both of
-its branches (eager CPU, and the fixed-shape one that devices and torch.compile take) and split over ranks."""
+"""The generic path's exact k-th largest metric against torch.topk: the radix select `kth_largest_bits` on both of
+its branches (eager CPU, and the fixed-shape one that devices and torch.compile take) and split over ranks, and
+the eager CPU search among the metrics above a bound (`TensorCandidates`)."""
 import threading
 
 import pytest
 import torch
 
-from gsm.selection import _ONE_NAN, kth_largest_bits
+import numpy as np
+
+from gsm.selection import _ONE_NAN, TensorCandidates, kth_largest, kth_largest_bits
 
 
 def metric_cases():
@@ -52,6 +55,26 @@ def test_equals_topk(name, metric, branch):
         assert found.dtype == torch.int32 and found.shape == () and count.shape == ()
         assert found.item() == expected.item(), (name, k)
         assert count.item() == int((bits >= expected).sum()) >= k
+
+
+@pytest.mark.parametrize("name,metric", list(metric_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_candidates_above_a_bound_give_topk(name, metric):
+    """Bounds below, at and above tau (too few pass: the search falls back to every metric): the k-th largest and
+    the count of those at least as large are topk's, and the metrics are left as they were (the select reorders
+    a copy)."""
+    bits = bits_of(metric)
+    kept = bits.clone()
+    scratch = np.empty(bits.numel(), dtype=np.bool_)
+    for k in ks(bits.numel()):
+        expected = bits.topk(k, sorted=False).values.min()
+        tau_float = expected.view(torch.float32).item()
+        for bound in (tau_float * 0.5, tau_float, tau_float * 2 + 1e-30):
+            candidates = TensorCandidates(bits, scratch)
+            tau, searched = kth_largest(candidates, k, [bound] if bound == bound else [])
+            assert np.array(tau, dtype=np.float32).view(np.int32) == expected.item(), (name, k, bound)
+            assert candidates.count.item() == int((bits >= expected).sum()) >= k
+            assert searched >= k
+            assert torch.equal(bits, kept)
 
 
 @pytest.mark.parametrize("sizes", [(1000, 1, 0), (17, 4000, 333), (0, 2500)])
