@@ -12,6 +12,9 @@ from torch import Tensor
 from gsm import host_kernels
 from gsm.host_kernels import HIGH_BUCKETS, LOW_BUCKETS
 
+# Sums a tensor of counts in place over the ranks that hold the other elements (sharded parameters).
+Reduce = Callable[[Tensor], None]
+
 
 def check_nonzero_ratio(nonzero_ratio: float) -> None:
     """ValueError unless 0 < nonzero_ratio <= 1 (1 / the compression ratio)."""
@@ -143,15 +146,21 @@ class TensorCandidates:
     written into `scratch` (a bool array of the metrics' size), and the k-th largest of them by numpy's
     `partition` (an introselect, in place in that copy); `count` is the number of metrics at or above it. On the
     CPU these take a fraction of the time of torch's boolean indexing (an int64 index per candidate first) and
-    of a radix select's counts (`kth_largest_bits`)."""
+    of a radix select's counts (`kth_largest_bits`).
+
+    With `reduce` (sharded parameters, see `kth_largest_bits`) the metrics are this rank's part of all ranks':
+    the candidate counts are summed over the ranks (one more all-reduce, of one number) and tau is the radix
+    select's among every rank's candidates. The ranks agree on each bound, drawn from the thresholds they found
+    together, so they take the same turns."""
 
     overflowed = False  # every candidate is kept
 
-    def __init__(self, bits: Tensor, scratch: np.ndarray) -> None:
+    def __init__(self, bits: Tensor, scratch: np.ndarray, reduce: Optional[Reduce] = None) -> None:
         self.numel = bits.numel()
         self.count: Optional[Tensor] = None
         self._array = bits.numpy()
         self._scratch = scratch
+        self._reduce = reduce
         self._chosen = self._array
 
     def collect(self, bound: float) -> int:
@@ -160,9 +169,16 @@ class TensorCandidates:
         else:
             passed = np.greater_equal(self._array, _bits_of(bound), out=self._scratch)
             self._chosen = np.compress(passed, self._array)
-        return self._chosen.size
+        if self._reduce is None:
+            return self._chosen.size
+        total = torch.tensor([self._chosen.size], dtype=torch.int64)
+        self._reduce(total)
+        return int(total)
 
     def select(self, count: int, k: int) -> np.float32:
+        if self._reduce is not None:  # the radix select, its counts summed over the ranks
+            tau_bits, self.count = kth_largest_bits(torch.from_numpy(self._chosen), k, self._reduce)
+            return _float_of(int(tau_bits))
         # The metrics themselves are never reordered: all of them (bound 0) are selected in a copy.
         chosen = self._chosen.copy() if self._chosen is self._array else self._chosen
         position = chosen.size - k
@@ -308,8 +324,6 @@ def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: S
 
 # The bit pattern of a NaN float32 one above +inf's (0x7f800000): the one value of every NaN metric.
 _ONE_NAN = 0x7F800001
-
-Reduce = Callable[[Tensor], None]
 
 
 def _halves(bits: Tensor) -> Tuple[Tensor, Tensor]:
@@ -495,10 +509,10 @@ class GlobalSelection:
         metric = self.metric(params, grads)
         # Ranked by bit pattern, which orders non-negative floats as numbers and puts every NaN above +inf.
         bits = metric.view(torch.int32)
-        if bits.is_cpu and reduce is None:  # on the host, among the metrics above the last thresholds' bound
+        if bits.is_cpu:  # on the host, among the metrics above the last thresholds' bound
             if self._scratch.size != bits.numel():
                 self._scratch = np.empty(bits.numel(), dtype=np.bool_)
-            candidates = TensorCandidates(bits, self._scratch)
+            candidates = TensorCandidates(bits, self._scratch, reduce)
             tau = self._generic_search(candidates, k)
             threshold_bits = torch.tensor(_bits_of(tau), dtype=torch.int32)
             count = candidates.count

@@ -21,7 +21,6 @@ from gsm import GSM, load_mask, load_sparse, save_mask, save_sparse
 from gsm.pruning import apply_mask_to_weights, mask_count
 from script_runs import REPO_ROOT
 
-STEPS = 6
 RATIO = 0.1
 
 
@@ -41,13 +40,18 @@ def _groups(model: nn.Module):
             {"params": biases, "lr": 0.05, "weight_decay": 0.0}]
 
 
+# Gradient scales by step: drops of 2x and 200x make the threshold fall below the bound from the last ones (the
+# ranks retry from a lower bound together, then from none), and a rise brings many candidates.
+SCALES = (1.0, 1.0, 0.5, 0.005, 1.0, 1.0)
+
+
 def _gradients(model: nn.Module, step: int):
     """The same whole gradient of every parameter on every rank: random, with ties, and sometimes zero."""
     generator = torch.Generator().manual_seed(100 + step)
     grads = []
     for p in model.parameters():
-        g = torch.randn(p.shape, generator=generator)
-        g[..., ::5] = 0.25  # ties in the metric where the weights tie too
+        g = torch.randn(p.shape, generator=generator) * SCALES[step]
+        g[..., ::5] = 0.25 * SCALES[step]  # ties in the metric where the weights tie too
         grads.append(g)
     return grads
 
@@ -83,7 +87,7 @@ def _check(rank: int, world_size: int, out: Path, mesh_shape) -> None:
     shard_opt = GSM(_groups(model), **common)
     assert shard_opt.num_prunable == unsharded.num_prunable and shard_opt.keep_count == unsharded.keep_count
 
-    for step in range(STEPS):
+    for step in range(len(SCALES)):
         for p, q, g in zip(reference.parameters(), model.parameters(), _gradients(reference, step)):
             p.grad = g.clone()
             q.grad = distribute_tensor(g.clone(), q.device_mesh, q.placements)
@@ -91,6 +95,9 @@ def _check(rank: int, world_size: int, out: Path, mesh_shape) -> None:
         shard_opt.step()
         assert shard_opt.last_threshold.item() == unsharded.last_threshold.item()
         assert shard_opt.num_active == unsharded.num_active
+        # The ranks narrow the search to the metrics above a bound, together; after the 200x drop, to none.
+        searched = shard_opt._selection._generic_search.last_searched
+        assert (searched == shard_opt.num_prunable) == (step in (0, 3)), (step, searched)
         for (name, p), q in zip(reference.named_parameters(), model.parameters()):
             assert torch.equal(q.full_tensor(), p.detach()), (step, name)
     for p, q in zip(reference.parameters(), model.parameters()):
