@@ -1,8 +1,9 @@
 """GSM on parameters sharded by FSDP2 (`fully_shard`, DTensor parameters): which ranks hold the other shards of a
 model, the local shards a step works on, and the full tensors that the hard prune and the exports gather.
 
-A sharded GSM ranks its local shards and sums the selection's counts over the ranks that shard the model (an
-all-reduce of two fixed-size histograms per step, see `gsm.selection.kth_largest_bits`), so that every rank
+A sharded GSM ranks its local shards and sums the selection's counts over the ranks that shard the model
+(all-reduces of a size independent of the model's: the radix select's two histograms, see
+`gsm.selection.kth_largest_bits`, and on the CPU the number of candidates above the bound), so that every rank
 finds the threshold unsharded GSM would find and keeps the same elements. Mesh dimensions that replicate the
 parameters (HSDP's outer one) hold copies, whose counts are not summed.
 """
