@@ -180,12 +180,34 @@ class TensorCandidates:
             tau_bits, self.count = kth_largest_bits(torch.from_numpy(self._chosen), k, self._reduce)
             return _float_of(int(tau_bits))
         # The metrics themselves are never reordered: all of them (bound 0) are selected in a copy.
-        chosen = self._chosen.copy() if self._chosen is self._array else self._chosen
-        position = chosen.size - k
-        chosen.partition(position)  # chosen[position] is the k-th largest, those after it are at least as large
-        tau = int(chosen[position])
-        self.count = torch.tensor(k + int(np.count_nonzero(chosen[:position] == tau)))
+        tau, count = _partition_kth(self._chosen.copy() if self._chosen is self._array else self._chosen, k)
+        self.count = torch.tensor(count)
         return _float_of(tau)
+
+
+def _partition_kth(chosen: np.ndarray, k: int) -> Tuple[int, int]:
+    """(the k-th largest of the 1-D integer array `chosen` (1 <= k <= its size), how many are at least as large),
+    by numpy's introselect, which reorders `chosen`."""
+    position = chosen.size - k
+    chosen.partition(position)  # chosen[position] is the k-th largest, those after it are at least as large
+    tau = int(chosen[position])
+    return tau, k + int(np.count_nonzero(chosen[:position] == tau))
+
+
+def _kth_largest_on_host(bits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """`kth_largest_bits(bits, k)` for a traced step on the CPU: numpy's introselect on a copy of every metric,
+    run by torch.compile as one opaque operation (registered below), because the radix select's scatter-adds
+    compile to far slower code on the CPU than they run eagerly."""
+    tau, count = _partition_kth(bits.numpy().copy(), k)
+    return torch.tensor(tau, dtype=torch.int32), torch.tensor(count, dtype=torch.int64)
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4; an older compiler traces the radix select instead
+    _kth_largest_on_host = torch.library.custom_op("gsm::kth_largest_on_host", mutates_args=())(_kth_largest_on_host)
+
+    @_kth_largest_on_host.register_fake
+    def _(bits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        return bits.new_empty((), dtype=torch.int32), bits.new_empty((), dtype=torch.int64)
 
 
 class HostCandidates:
@@ -407,7 +429,10 @@ def _traced_masked(params: Sequence[Tensor], grads: Sequence[Tensor], k: int, re
     flats = [(p.float() * g.float() if p.dtype in (torch.float16, torch.bfloat16) else p * g).reshape(-1)
              for p, g in zip(params, grads)]
     bits = torch.cat(flats).abs().view(torch.int32).clamp(max=_ONE_NAN)
-    threshold_bits, count = kth_largest_bits(bits, k, reduce)
+    if bits.is_cpu and reduce is None and hasattr(torch.library, "custom_op"):
+        threshold_bits, count = _kth_largest_on_host(bits, k)
+    else:
+        threshold_bits, count = kth_largest_bits(bits, k, reduce)
     mask = bits >= threshold_bits
     masks = mask.split([p.numel() for p in params])
     return Selection(threshold_bits.view(torch.float32), [g * m.view(g.shape) for g, m in zip(grads, masks)], count)
