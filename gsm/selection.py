@@ -142,11 +142,12 @@ def spare_capacity(numel: int, k: int) -> int:
 
 class TensorCandidates:
     """The generic path's `Candidates` on the CPU, where a host synchronisation costs nothing: the metrics' bit
-    patterns (`_ONE_NAN` for every NaN) at or above a bound, copied out by numpy's `compress` over a comparison
-    written into `scratch` (a bool array of the metrics' size), and the k-th largest of them by numpy's
-    `partition` (an introselect, in place in that copy); `count` is the number of metrics at or above it. On the
-    CPU these take a fraction of the time of torch's boolean indexing (an int64 index per candidate first) and
-    of a radix select's counts (`kth_largest_bits`).
+    patterns (`_ONE_NAN` for every NaN) at or above a bound, copied out over a comparison written into `scratch`
+    (a bool array of the metrics' size), and the k-th largest of them by numpy's `partition` (an introselect,
+    in place in that copy, which takes a fraction of the time of a radix select's counts on the CPU); `count`
+    is the number of metrics at or above it. The copy is numpy's `compress` where torch runs on one or two
+    threads, torch's boolean indexing on more: numpy's runs on one thread and is the faster on up to two;
+    torch's writes an int64 index per candidate first, but spreads over every thread.
 
     With `reduce` (sharded parameters, see `kth_largest_bits`) the metrics are this rank's part of all ranks':
     the candidate counts are summed over the ranks (one more all-reduce, of one number) and tau is the radix
@@ -158,6 +159,7 @@ class TensorCandidates:
     def __init__(self, bits: Tensor, scratch: np.ndarray, reduce: Optional[Reduce] = None) -> None:
         self.numel = bits.numel()
         self.count: Optional[Tensor] = None
+        self._bits = bits
         self._array = bits.numpy()
         self._scratch = scratch
         self._reduce = reduce
@@ -166,6 +168,9 @@ class TensorCandidates:
     def collect(self, bound: float) -> int:
         if bound <= 0.0:
             self._chosen = self._array
+        elif torch.get_num_threads() > 2:
+            passed = torch.ge(self._bits, _bits_of(bound), out=torch.from_numpy(self._scratch))
+            self._chosen = self._bits[passed].numpy()
         else:
             passed = np.greater_equal(self._array, _bits_of(bound), out=self._scratch)
             self._chosen = np.compress(passed, self._array)

@@ -57,8 +57,18 @@ def test_equals_topk(name, metric, branch):
         assert count.item() == int((bits >= expected).sum()) >= k
 
 
+@pytest.fixture(params=[2, 3], ids=["2 threads", "3 threads"])
+def threads(request):
+    """torch's thread count, which chooses how the CPU search copies its candidates out (numpy's compress on up to
+    two threads, torch's boolean indexing on more)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name,metric", list(metric_cases()), ids=lambda v: v if isinstance(v, str) else "")
-def test_candidates_above_a_bound_give_topk(name, metric):
+def test_candidates_above_a_bound_give_topk(name, metric, threads):
     """Bounds below, at and above tau (too few pass: the search falls back to every metric): the k-th largest and
     the count of those at least as large are topk's, and the metrics are left as they were (the select reorders
     a copy)."""
