@@ -298,8 +298,8 @@ class Path:
 def selection_path(request, monkeypatch) -> Path:
     """Each selection path: the host path on the CPU (the compiled kernels); the generic path (multi-tensor
     kernels and torch's and numpy's operations, no compiled code of ours) chosen on the CPU with fused=False, as a
-    CPU without the kernels runs it; and on a CUDA device where one exists (cuDNN made deterministic, so that two copies of a model get the
-    same gradients)."""
+    CPU without the kernels runs it; and on a CUDA device where one exists (cuDNN made deterministic, so that two
+    copies of a model get the same gradients)."""
     if request.param == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA device")
