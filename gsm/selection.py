@@ -443,6 +443,21 @@ def _traced_masked(params: Sequence[Tensor], grads: Sequence[Tensor], k: int, re
     return Selection(threshold_bits.view(torch.float32), [g * m.view(g.shape) for g, m in zip(grads, masks)], count)
 
 
+def _mask_into_metric(metric: Tensor, views: Sequence[Tensor], grads: Sequence[Tensor], threshold_bits: Tensor,
+                      per_tensor: bool) -> None:
+    """Overwrite the flat float32 metric `metric` (bit patterns made rankable; `views`, its segments shaped like
+    `grads`) with the masked gradients [metric >= tau] * g, tau given by its bits: the mask compared from the
+    bits into the buffer itself as 1 and 0, then multiplied in place. `per_tensor`: segment by segment, each
+    product while its mask is in the cache (the CPU); else one compare and one multi-tensor multiply (a device,
+    where each operation is a kernel launch)."""
+    if per_tensor:
+        for view, g in zip(views, grads):
+            torch.ge(view.view(torch.int32), threshold_bits, out=view).mul_(g)
+    else:
+        torch.ge(metric.view(torch.int32), threshold_bits, out=metric)
+        torch._foreach_mul_(list(views), list(grads))
+
+
 def _fits_host_path(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
     """Whether the compiled kernels are loaded and every tensor fits them (float32 in host memory, dense and
     stored like its gradient)."""
@@ -563,10 +578,5 @@ class GlobalSelection:
             torch.ge(bits, threshold_bits, out=self._float_mask)
             torch._foreach_mul_(self._float_mask_views, list(grads))
             return Selection(threshold, list(self._float_mask_views), count)
-        if metric.is_cpu:  # tensor by tensor, each segment's product while its mask is in the cache
-            for view, g in zip(self._metric_views, grads):
-                torch.ge(view.view(torch.int32), threshold_bits, out=view).mul_(g)
-        else:
-            torch.ge(bits, threshold_bits, out=metric)
-            torch._foreach_mul_(self._metric_views, list(grads))
+        _mask_into_metric(metric, self._metric_views, grads, threshold_bits, per_tensor=metric.is_cpu)
         return Selection(threshold, list(self._metric_views), count)

@@ -362,6 +362,27 @@ def test_flat_metric_layouts_round_trip(selection_path):
         assert torch.equal(d, g * ((p * g).abs() >= chosen.threshold))
 
 
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["per tensor (CPU)", "whole buffer (devices)"])
+def test_masked_gradients_are_built_in_the_metric_buffer(per_tensor):
+    """Both ways of turning the metric's buffer into the masked gradients (the device's runs here on the CPU too):
+    g where |w * g| >= tau and 0 elsewhere, NaN metrics kept, in each tensor's layout."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(6, 3, 3, 3, generator=gen).to(memory_format=torch.channels_last),
+              torch.randn(40, 7, generator=gen), torch.randn(9, 4, generator=gen)[:, ::2]]
+    grads = [torch.randn(p.shape, generator=gen).to(memory_format=torch.channels_last) if i == 0
+             else torch.randn(p.shape, generator=gen) for i, p in enumerate(params)]
+    grads[1][0, :3] = float("nan")
+    chooser = GlobalSelection()
+    metric = chooser.metric(params, grads)
+    threshold_bits = metric.view(torch.int32).kthvalue(metric.numel() - 30).values
+    tau = threshold_bits.view(torch.float32)
+    expected = [g * ((p * g).abs() >= tau) for p, g in zip(params, grads)]
+    expected[1][0, :3] = float("nan")  # a NaN metric ranks above tau: its NaN gradient is kept
+    selection._mask_into_metric(metric, chooser._metric_views, grads, threshold_bits, per_tensor)
+    for view, e in zip(chooser._metric_views, expected):
+        assert torch.equal(view.isnan(), e.isnan()) and torch.equal(view.nan_to_num(), e.nan_to_num())
+
+
 def chosen_masks(chosen: selection.Selection, params: list[torch.Tensor], grads: list[torch.Tensor]):
     """A selection's active elements as bool masks shaped like `params`: the metrics at or above its threshold (the
     rule both paths apply element by element)."""
