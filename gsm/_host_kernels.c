@@ -828,6 +828,23 @@ static int float_buffer(PyObject *object, Py_buffer *view, const char *what)
     return 0;
 }
 
+/* The float32 buffer `values` (as `float_buffer`) of a selection among its first `count` elements of the
+   `k`-th largest (`k_name`: what the caller calls k), or -1 with TypeError or ValueError unless
+   1 <= k <= count <= its size. */
+static int selection_buffer(PyObject *values, Py_buffer *view, long long count, long long k, const char *k_name)
+{
+    if (float_buffer(values, view, "values") < 0)
+        return -1;
+    Py_ssize_t room = view->len / (Py_ssize_t)sizeof(float);
+    if (k < 1 || count < k || count > room) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "need 1 <= %s <= count <= %zd, got %s=%lld, count=%lld", k_name, room,
+                     k_name, k, count);
+        return -1;
+    }
+    return 0;
+}
+
 /* A writable, C-contiguous buffer of exactly `count` int64 items ('q', or 'l' where long is 64 bits), or -1 with
    TypeError (another type) or ValueError (another size). */
 static int counts_buffer(PyObject *object, Py_buffer *view, Py_ssize_t count, const char *what)
@@ -965,13 +982,8 @@ static PyObject *py_kth_in_bucket(PyObject *module, PyObject *args)
     if (high < 0 || high >= HIGH_BUCKETS)
         return PyErr_Format(PyExc_ValueError, "need 0 <= high < %d, got %lld", HIGH_BUCKETS, high);
     Py_buffer view;
-    if (float_buffer(values, &view, "values") < 0)
+    if (selection_buffer(values, &view, count, rank, "rank") < 0)
         return NULL;
-    if (rank < 1 || count < rank || count > view.len / (Py_ssize_t)sizeof(float)) {
-        PyBuffer_Release(&view);
-        return PyErr_Format(PyExc_ValueError, "need 1 <= rank <= count <= %zd, got rank=%lld, count=%lld",
-                            view.len / (Py_ssize_t)sizeof(float), rank, count);
-    }
     float tau;
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -996,13 +1008,8 @@ static PyObject *py_kth_largest(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "OLL:kth_largest", &values, &count, &k))
         return NULL;
     Py_buffer view;
-    if (float_buffer(values, &view, "values") < 0)
+    if (selection_buffer(values, &view, count, k, "k") < 0)
         return NULL;
-    if (k < 1 || count < k || count > view.len / (Py_ssize_t)sizeof(float)) {
-        PyBuffer_Release(&view);
-        return PyErr_Format(PyExc_ValueError, "need 1 <= k <= count <= %zd, got k=%lld, count=%lld",
-                            view.len / (Py_ssize_t)sizeof(float), k, count);
-    }
     float tau;
     Py_BEGIN_ALLOW_THREADS
     tau = select_kth_largest(view.buf, count, k);
