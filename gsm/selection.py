@@ -217,7 +217,8 @@ if hasattr(torch.library, "custom_op"):  # torch >= 2.4; an older compiler trace
 
 class HostCandidates:
     """The host path's `Candidates` over the first `count` arrays of a checked `host_kernels.Batch` (attached
-    for one step), with memory for `spare_capacity` candidates and one histogram, kept while k and numel stay.
+    for one step), with memory for `spare_capacity` candidates and one histogram (made by the first `attach`),
+    kept while k and numel stay.
 
     `collect` runs the candidates kernel: it keeps up to the capacity of the candidates and, when many are
     expected (MANY_CANDIDATES at the last search) or they overflow the capacity, counts all of them by their
@@ -231,7 +232,7 @@ class HostCandidates:
 
     def __init__(self) -> None:
         self.found = np.empty(0, dtype=np.float32)
-        self.histogram = np.empty(LOW_BUCKETS, dtype=np.int64)  # the high-bit counts use its first HIGH_BUCKETS
+        self.histogram = np.empty(0, dtype=np.int64)  # LOW_BUCKETS counts from the first search on
         self.numel = 0
         self.overflowed = False
         self._batch: Optional["host_kernels.Batch"] = None
@@ -246,6 +247,8 @@ class HostCandidates:
         capacity = spare_capacity(self.numel, k)
         if self.found.size != capacity:
             self.found = np.empty(capacity, dtype=np.float32)
+        if self.histogram.size != LOW_BUCKETS:  # the high-bit counts use its first HIGH_BUCKETS
+            self.histogram = np.empty(LOW_BUCKETS, dtype=np.int64)
 
     def detach(self) -> None:
         """Let go of the batch (valid for one step only)."""
@@ -332,7 +335,6 @@ def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: S
     of float32's own underflow), its bit patterns made rankable: every NaN one value, `_ONE_NAN`, so that
     the NaNs tie as topk's do. On the CPU each segment is finished while it is in the cache."""
     params = _without_autograd(params)
-    low_precision = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
     if flat.device.type == "cpu":
         for p, g, segment in zip(params, grads, segments):
             if p.dtype in (torch.float16, torch.bfloat16):
@@ -341,7 +343,7 @@ def _write_metric(params: Sequence[Tensor], grads: Sequence[Tensor], segments: S
                 torch.mul(p, g, out=segment)
             segment.abs_().view(torch.int32).clamp_(max=_ONE_NAN)
         return
-    if low_precision:
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
         torch._foreach_copy_(list(segments), params)
         torch._foreach_mul_(list(segments), list(grads))
     else:  # one multi-tensor multiply and one multi-tensor copy, not a kernel per tensor
